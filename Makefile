@@ -1,0 +1,34 @@
+# vggt4d: every target sets up .venv itself on a fresh clone (CPU torch first, DA3 without its
+# heavy declared requirements, then this package with its dev tools).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) --no-deps depth-anything-3==0.1.1 evo==1.38.1
+	$(PIP) -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m vggt4d.run model=da3-small model.weights=random data=synthetic
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m bench.run
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) outputs/runs outputs/multirun outputs/cache

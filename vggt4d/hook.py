@@ -1,0 +1,215 @@
+"""Capture Q and K of every DA3 backbone block exactly as the attention multiplies them.
+
+DA3's ``Attention.forward`` computes ``qkv → q_norm/k_norm → RoPE → SDPA`` in one function, so
+the post-RoPE Q/K never leave it and a forward hook cannot see them (DESIGN §2). While
+:func:`capture_attention` is active, the attention forward of each selected block is replaced by
+:func:`_attention_with_capture`, which performs the same operations with the block's own modules
+and hands Q and K to a consumer before ``F.scaled_dot_product_attention``. Everything is restored
+on exit, also when the forward raises.
+
+Layout given to consumers, for local (per-frame) and global (whole-clip) blocks alike:
+``q, k`` of shape ``(T, heads, N, head_dim)`` with ``N = patch_start_idx + h·w`` tokens per frame
+(special token first, then the patch grid row-major), frames in *input* order. DA3 moves a
+reference view to position 0 before block ``alt_start − 1`` when it has ≥ 3 frames and no poses;
+the permutation it applies is recorded here (by wrapping its ``select_reference_view``) and undone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+from depth_anything_3.model.dinov2 import vision_transformer as da3_vit
+from depth_anything_3.model.reference_view_selector import reorder_by_reference
+from torch import Tensor, nn
+
+PATCH_SIZE = 14
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """Token layout of one clip inside the backbone."""
+
+    num_frames: int
+    tokens_per_frame: int
+    patch_start_idx: int
+    grid: tuple[int, int]
+    """(h, w): patch rows and columns; ``tokens_per_frame = patch_start_idx + h·w``."""
+
+
+@dataclass
+class _ClipState:
+    """Per-forward state shared by the block wrappers: layout and DA3's view permutation."""
+
+    layout: FrameLayout | None = None
+    inverse_order: Tensor | None = None
+    """``inverse_order[t]``: position of input frame ``t`` in DA3's order (None: identity)."""
+
+    def to_input_order(self, frames_first: Tensor) -> Tensor:
+        """Reorder a ``(T, ...)`` tensor from DA3's internal frame order to input order."""
+        if self.inverse_order is None:
+            return frames_first
+        return frames_first.index_select(0, self.inverse_order.to(frames_first.device))
+
+
+@dataclass
+class BlockQK:
+    """Q and K of one block for one clip; ``q``/``k`` are ``(T, heads, N, head_dim)``, input order.
+
+    The reordering to that layout is done lazily, so a consumer that ignores a block costs nothing.
+    """
+
+    layer: int
+    is_global: bool
+    layout: FrameLayout
+    raw_q: Tensor = field(repr=False)
+    raw_k: Tensor = field(repr=False)
+    state: _ClipState = field(repr=False)
+
+    def _frames_first(self, x: Tensor) -> Tensor:
+        """(B·T, heads, N, d) local or (1, heads, T·N, d) global → (T, heads, N, d), input order."""
+        if self.is_global:
+            heads, _, dim = x.shape[1:]
+            x = x.view(heads, self.layout.num_frames, self.layout.tokens_per_frame, dim)
+            x = x.transpose(0, 1)
+        return self.state.to_input_order(x)
+
+    @cached_property
+    def q(self) -> Tensor:
+        return self._frames_first(self.raw_q)
+
+    @cached_property
+    def k(self) -> Tensor:
+        return self._frames_first(self.raw_k)
+
+
+@dataclass
+class BlockTokens:
+    """Input and output tokens of one block, ``(T, N, C)`` each, frames in input order."""
+
+    layer: int
+    is_global: bool
+    layout: FrameLayout
+    tokens_in: Tensor
+    tokens_out: Tensor
+
+
+QKConsumer = Callable[[BlockQK], None]
+TokenConsumer = Callable[[BlockTokens], None]
+
+
+def hooked_backbone(net: nn.Module, hooked_network: str = "") -> nn.Module:
+    """The ``DinoV2`` backbone of ``net[.hooked_network]``; its ViT is ``.pretrained``.
+
+    Its forward receives the ``(B, T, 3, H, W)`` images, so a pre-hook there starts each clip.
+    """
+    model = net
+    for name in filter(None, hooked_network.split(".")):
+        model = getattr(model, name)
+    return model.backbone
+
+
+def is_global_block(layer: int, alt_start: int) -> bool:
+    """DA3's rule: block ``i`` attends across frames iff ``alt_start != -1``, ``i >= alt_start``
+    and ``i`` is odd."""
+    return alt_start != -1 and layer >= alt_start and layer % 2 == 1
+
+
+def _attention_with_capture(
+    attn: nn.Module, layer: int, is_global: bool, state: _ClipState, consumer: QKConsumer
+) -> Callable[..., Tensor]:
+    """A drop-in ``Attention.forward`` that reports post-norm, post-RoPE Q/K to ``consumer``."""
+
+    def forward(x: Tensor, pos: Tensor | None = None, attn_mask: Tensor | None = None) -> Tensor:
+        batch, tokens, channels = x.shape
+        heads = attn.num_heads
+        qkv = attn.qkv(x).reshape(batch, tokens, 3, heads, channels // heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        if attn.rope is not None and pos is not None:
+            q, k = attn.rope(q, pos), attn.rope(k, pos)
+        consumer(BlockQK(layer, is_global, state.layout, q, k, state))
+        mask = attn_mask[:, None].repeat(1, heads, 1, 1) if attn_mask is not None else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(batch, tokens, channels)))
+
+    return forward
+
+
+@contextmanager
+def capture_attention(
+    net: nn.Module,
+    on_qk: QKConsumer | None = None,
+    *,
+    hooked_network: str = "",
+    layers: Sequence[int] | None = None,
+    on_tokens: TokenConsumer | None = None,
+    token_layers: Sequence[int] | None = None,
+) -> Iterator[None]:
+    """Within the block, every forward of ``net`` reports Q/K (and optionally block tokens).
+
+    Args:
+        net: a DA3 network (``DepthAnything3Net`` or the nested one).
+        on_qk: called once per selected block and forward with a :class:`BlockQK`.
+        hooked_network: attribute path to the sub-network to hook (``"da3"`` for nested models).
+        layers: blocks whose Q/K are reported (default: all).
+        on_tokens: called with each selected block's input and output tokens.
+        token_layers: blocks whose tokens are reported (default: all when ``on_tokens`` is set).
+    """
+    backbone = hooked_backbone(net, hooked_network)
+    vit = backbone.pretrained
+    blocks = vit.blocks
+    state = _ClipState()
+    handles = []
+    patched_attn = []
+    original_select = da3_vit.select_reference_view
+
+    def start_clip(_module: nn.Module, args: tuple) -> None:
+        images = args[0]
+        if images.ndim != 5 or images.shape[0] != 1:
+            raise ValueError(f"capture expects one clip (1, T, 3, H, W), got {tuple(images.shape)}")
+        frames, height, width = images.shape[1], images.shape[-2], images.shape[-1]
+        grid = (height // PATCH_SIZE, width // PATCH_SIZE)
+        state.layout = FrameLayout(frames, vit.patch_start_idx + grid[0] * grid[1],
+                                   vit.patch_start_idx, grid)
+        state.inverse_order = None
+
+    def recording_select(x: Tensor, *args, **kwargs) -> Tensor:
+        ref_index = original_select(x, *args, **kwargs)
+        positions = torch.arange(x.shape[1], device=ref_index.device).view(1, -1, 1, 1)
+        order = reorder_by_reference(positions, ref_index)[0, :, 0, 0]
+        state.inverse_order = torch.argsort(order)
+        return ref_index
+
+    def report_tokens(layer: int, is_global: bool) -> Callable:
+        def hook(_module: nn.Module, args: tuple, output: Tensor) -> None:
+            shape = (state.layout.num_frames, state.layout.tokens_per_frame, -1)
+            on_tokens(BlockTokens(layer, is_global, state.layout,
+                                  state.to_input_order(args[0].reshape(shape)),
+                                  state.to_input_order(output.reshape(shape))))
+        return hook
+
+    qk_layers = set(range(len(blocks)) if layers is None else layers)
+    tok_layers = set(range(len(blocks)) if token_layers is None else token_layers)
+    try:
+        handles.append(backbone.register_forward_pre_hook(start_clip))
+        da3_vit.select_reference_view = recording_select
+        for layer, block in enumerate(blocks):
+            is_global = is_global_block(layer, vit.alt_start)
+            if on_qk is not None and layer in qk_layers:
+                block.attn.forward = _attention_with_capture(block.attn, layer, is_global,
+                                                             state, on_qk)
+                patched_attn.append(block.attn)
+            if on_tokens is not None and layer in tok_layers:
+                handles.append(block.register_forward_hook(report_tokens(layer, is_global)))
+        yield
+    finally:
+        da3_vit.select_reference_view = original_select
+        for attn in patched_attn:
+            del attn.forward
+        for handle in handles:
+            handle.remove()

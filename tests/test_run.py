@@ -1,0 +1,108 @@
+"""The runner as a user meets it: ``python -m vggt4d.run`` in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = ["model=da3-small", "model.weights=random", "process_res=140"]
+FAST = [*MODEL, "data.num_frames=4"]
+
+
+def run_cli(tmp_path: Path, *overrides: str, job: str = "job") -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    args = [sys.executable, "-m", "vggt4d.run", f"hydra.run.dir={tmp_path / job}",
+            f"cache_dir={tmp_path / 'cache'}", *overrides]
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, needle: str, job_dir: Path) -> None:
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], output
+    assert not job_dir.exists(), "a failed job must not leave a job directory"
+
+
+def test_synthetic_run_writes_prediction_then_reuses_the_cache(tmp_path):
+    first = run_cli(tmp_path, *FAST, job="first")
+    assert first.returncode == 0, first.stderr
+    assert f"outputs: {tmp_path / 'first'}" in first.stdout
+    with np.load(tmp_path / "first" / "prediction.npz") as data:
+        assert data["depth"].shape == (4, 112, 140)  # 280×210 → longest side 140
+        assert data["conf"].min() >= 1.0  # DA3's confidence is 1 + exp(x)
+        assert data["extrinsics"].shape == (4, 3, 4)
+        assert data["intrinsics"].shape == (4, 3, 3)
+        assert data["frames"].dtype == np.uint8 and data["frames"].shape == (4, 112, 140, 3)
+        assert tuple(data["grid"]) == (8, 10)
+        depth = data["depth"]
+
+    second = run_cli(tmp_path, *FAST, job="second")
+    assert second.returncode == 0, second.stderr
+    assert "predict: reused cached result" in second.stdout
+    with np.load(tmp_path / "second" / "prediction.npz") as data:
+        assert np.array_equal(data["depth"], depth)
+
+    other = run_cli(tmp_path, *FAST, "model.ref_view_strategy=first", job="third")
+    assert "reused cached" not in other.stdout
+
+
+def _images(folder: Path, count: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.fromarray(np.full((28, 42, 3), 40 * i, np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
+@pytest.mark.parametrize(("case", "needle"), [
+    ("missing_folder", "no such directory"),
+    ("empty_folder", "holds no"),
+    ("unreadable_image", "001.png"),
+    ("one_frame", "at least 2"),
+    ("weights_path", "no such file or directory"),
+    ("hub_unreachable", "model.weights=random"),
+    ("bad_video", "cannot decode video"),
+    ("too_much_memory", "GiB is available"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, case, needle):
+    overrides = {
+        "missing_folder": ["data=images", f"data.path={tmp_path / 'nope'}"],
+        "empty_folder": ["data=images", f"data.path={_images(tmp_path / 'empty', 0)}"],
+        "unreadable_image": ["data=images", f"data.path={_images(tmp_path / 'broken', 3)}"],
+        "one_frame": ["data=images", f"data.path={_images(tmp_path / 'one', 1)}"],
+        "weights_path": [f"model.weights={tmp_path / 'weights'}"],
+        "hub_unreachable": ["model.weights=depth-anything/DA3-SMALL"],
+        "bad_video": ["data=video", f"data.path={tmp_path / 'bad.mp4'}"],
+        "too_much_memory": ["memory_limit_gb=0.05"],
+    }[case]
+    if case == "unreadable_image":
+        (tmp_path / "broken" / "001.png").write_bytes(b"garbage")
+    if case == "bad_video":
+        (tmp_path / "bad.mp4").write_bytes(b"\x00" * 4096)
+    base = MODEL if overrides[0].startswith("data=") else FAST
+    if case in {"weights_path", "hub_unreachable"}:
+        base = [o for o in base if not o.startswith("model.weights")]
+    result = run_cli(tmp_path, *base, *overrides)
+    assert_user_error(result, needle, tmp_path / "job")
+
+
+def test_unknown_model_lists_the_known_ones(tmp_path):
+    result = run_cli(tmp_path, "model=da3-tiny")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "da3nested-giant-large" in result.stderr
+
+
+def test_process_res_not_multiple_of_14_is_rounded_with_a_warning(tmp_path):
+    result = run_cli(tmp_path, *[o for o in FAST if not o.startswith("process_res")],
+                     "process_res=150")
+    assert result.returncode == 0, result.stderr
+    assert "not a multiple of 14; using 154" in result.stdout + result.stderr

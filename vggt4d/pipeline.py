@@ -1,0 +1,82 @@
+"""Stages and their composition: each stage declares what it needs and what it provides.
+
+The runner asks every stage to ``check`` the configuration first (nothing heavy is loaded before
+all checks pass), adds the providers of missing inputs in front of the requested stages, and
+reuses a cached result when a stage with output ``files`` returns a ``cache_key`` that is stored.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from vggt4d.cache import Cache
+from vggt4d.config import RunConfig
+
+log = logging.getLogger("vggt4d")
+
+
+@dataclass
+class Context:
+    """What stages share during one job: config, output directory, cache and artifacts."""
+
+    cfg: RunConfig
+    out_dir: Path
+    cache: Cache
+    artifacts: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage(Protocol):
+    name: ClassVar[str]
+    requires: ClassVar[tuple[str, ...]]
+    provides: ClassVar[tuple[str, ...]]
+    files: ClassVar[tuple[str, ...]]
+    """Output files in the job directory; non-empty makes the stage cacheable."""
+
+    def check(self, ctx: Context) -> None:
+        """Validate what this stage will need; raise :class:`UserError`. Loads nothing heavy."""
+
+    def cache_key(self, ctx: Context) -> str | None:
+        """Key of this stage's result given its inputs, or None when it must always run."""
+
+    def run(self, ctx: Context) -> None:
+        """Compute, write ``files`` into ``ctx.out_dir`` and put ``provides`` into artifacts."""
+
+    def load(self, ctx: Context) -> None:
+        """Put ``provides`` into artifacts from ``files`` already in ``ctx.out_dir``."""
+
+
+def resolve(requested: list[str], available: dict[str, type]) -> list[Stage]:
+    """Instantiate the requested stages in order, preceded by the providers of their inputs."""
+    provider = {artifact: name for name, cls in available.items() for artifact in cls.provides}
+    ordered: list[str] = []
+
+    def add(name: str) -> None:
+        if name in ordered:
+            return
+        for artifact in available[name].requires:
+            add(provider[artifact])
+        ordered.append(name)
+
+    for name in requested:
+        add(name)
+    return [available[name]() for name in ordered]
+
+
+def execute(stages: list[Stage], ctx: Context) -> None:
+    """Check every stage, then run (or restore from the cache) each in order."""
+    for stage in stages:
+        stage.check(ctx)
+    for stage in stages:
+        key = stage.cache_key(ctx) if stage.files else None
+        if key is not None and ctx.cache.has(stage.name, key, stage.files):
+            ctx.cache.restore(stage.name, key, stage.files, ctx.out_dir)
+            stage.load(ctx)
+            log.info("%s: reused cached result %s (%s), skipped", stage.name, key,
+                     ", ".join(stage.files))
+            continue
+        stage.run(ctx)
+        if key is not None:
+            ctx.cache.store(stage.name, key, stage.files, ctx.out_dir)

@@ -1,0 +1,190 @@
+"""The DA3 forward: processed frames in, depth / confidence / cameras out, Q/K to consumers.
+
+``prediction.npz`` holds, for T frames at the processing size (H, W):
+depth (T, H, W) float32; conf (T, H, W) float32 — DA3's ``1 + exp(x)``, so always ≥ 1;
+extrinsics (T, 3, 4) world-to-camera (OpenCV); intrinsics (T, 3, 3) in processing-size pixels;
+frames (T, H, W, 3) uint8, the processed frames; grid (2,) the patch grid (h, w).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from vggt4d import __version__
+from vggt4d.cache import content_key
+from vggt4d.frames import normalize
+from vggt4d.hook import PATCH_SIZE, QKConsumer, capture_attention, hooked_backbone
+from vggt4d.io import atomic_write
+from vggt4d.model import (
+    build_network,
+    check_depth_table,
+    depth_table,
+    head_features,
+    load_weights,
+    parameter_count,
+    resolve_weights,
+)
+from vggt4d.resources import (
+    GIB,
+    available_bytes,
+    check_memory,
+    estimate_forward_memory,
+    resolve_device,
+    resolve_dtype,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    depth: np.ndarray
+    conf: np.ndarray
+    extrinsics: np.ndarray
+    intrinsics: np.ndarray
+    frames: np.ndarray
+    grid: tuple[int, int]
+
+    def save(self, path: Path) -> Path:
+        arrays = {name: getattr(self, name)
+                  for name in ("depth", "conf", "extrinsics", "intrinsics", "frames")}
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, grid=np.asarray(self.grid, np.int64), **arrays)
+
+        return atomic_write(path, write)
+
+    @classmethod
+    def load(cls, path: Path) -> Prediction:
+        with np.load(path) as data:
+            fields = {name: data[name] for name in
+                      ("depth", "conf", "extrinsics", "intrinsics", "frames")}
+            return cls(grid=tuple(int(v) for v in data["grid"]), **fields)
+
+
+@contextlib.contextmanager
+def block_progress(net: nn.Module, hooked_network: str, enabled: bool):
+    """A tqdm bar advanced by each backbone block of the hooked network."""
+    blocks = hooked_backbone(net, hooked_network).pretrained.blocks
+    with tqdm(total=len(blocks), desc="DA3 blocks", unit="block", disable=not enabled,
+              leave=False) as bar:
+        def advance(*_: object) -> None:
+            bar.update(1)
+
+        handles = [block.register_forward_hook(advance) for block in blocks]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+@torch.inference_mode()
+def run_forward(
+    net: nn.Module,
+    frames: np.ndarray,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    hooked_network: str = "",
+    ref_view_strategy: str = "saddle_balanced",
+    on_qk: QKConsumer | None = None,
+    progress: bool = True,
+) -> Prediction:
+    """Run DA3 on processed uint8 frames ``(T, H, W, 3)`` (sides multiples of 14).
+
+    With ``on_qk`` the attention of every backbone block of ``hooked_network`` is captured
+    (:func:`vggt4d.hook.capture_attention`).
+    """
+    height, width = frames.shape[1:3]
+    images = normalize(frames).to(device)[None]
+    hooks = (capture_attention(net, on_qk, hooked_network=hooked_network)
+             if on_qk is not None else contextlib.nullcontext())
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    with hooks, autocast, block_progress(net, hooked_network, progress):
+        output = net(images, extrinsics=None, intrinsics=None, export_feat_layers=[],
+                     ref_view_strategy=ref_view_strategy)
+
+    def numpy(name: str) -> np.ndarray:
+        return output[name][0].float().cpu().numpy()
+
+    return Prediction(
+        depth=numpy("depth"),
+        conf=numpy("depth_conf"),
+        extrinsics=numpy("extrinsics")[:, :3, :4],
+        intrinsics=numpy("intrinsics"),
+        frames=frames,
+        grid=(height // PATCH_SIZE, width // PATCH_SIZE),
+    )
+
+
+class PredictStage:
+    """DA3 forward on the processed frames → ``prediction.npz`` (cached by inputs and model)."""
+
+    name = "predict"
+    requires = ("processed_frames",)
+    provides = ("prediction",)
+    files = ("prediction.npz",)
+
+    def check(self, ctx) -> None:
+        """Depth table against the network (built empty), then device and dtype."""
+        model = ctx.cfg.model
+        self.empty_net = build_network(model.name, empty=True)
+        check_depth_table(model, self.empty_net)
+        self.device = resolve_device(ctx.cfg.device)
+        self.dtype = resolve_dtype(ctx.cfg.dtype, self.device)
+
+    def cache_key(self, ctx) -> str:
+        from importlib.metadata import version
+
+        model = ctx.cfg.model
+        frames: np.ndarray = ctx.artifacts["processed_frames"]
+        weights = model.weights
+        if weights == "random":
+            weights = f"random(seed={ctx.cfg.seed})"
+        elif Path(weights).expanduser().exists():
+            stat = Path(weights).expanduser().resolve().stat()
+            weights = f"{Path(weights).expanduser().resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        return content_key(
+            frames.tobytes(), frames.shape, model.name, weights, model.ref_view_strategy,
+            str(self.dtype), self.device.type, version("depth-anything-3"), __version__,
+        )
+
+    def run(self, ctx) -> None:
+        model = ctx.cfg.model
+        frames: np.ndarray = ctx.artifacts["processed_frames"]
+        estimate = estimate_forward_memory(
+            num_params=parameter_count(self.empty_net), frames=len(frames),
+            height=frames.shape[1], width=frames.shape[2],
+            embed_dim=depth_table(self.empty_net, model.hooked_network)["embed_dim"],
+            head_features=head_features(model.name), dtype=self.dtype,
+        )
+        limit = (ctx.cfg.memory_limit_gb * GIB if ctx.cfg.memory_limit_gb
+                 else available_bytes(self.device))
+        check_memory(estimate, int(limit),
+                     f"{model.name} on {len(frames)} frames at {frames.shape[2]}x{frames.shape[1]}")
+        weights_path = resolve_weights(model.weights)
+        torch.manual_seed(ctx.cfg.seed)
+        net = build_network(model.name)
+        if weights_path is not None:
+            load_weights(net, weights_path, model.name)
+        net.to(self.device)
+        log.info("predict: %s (%s weights) on %s, %s", model.name, model.weights,
+                 self.device, str(self.dtype).removeprefix("torch."))
+        prediction = run_forward(net, frames, device=self.device, dtype=self.dtype,
+                                 hooked_network=model.hooked_network,
+                                 ref_view_strategy=model.ref_view_strategy)
+        prediction.save(ctx.out_dir / "prediction.npz")
+        ctx.artifacts["prediction"] = prediction
+
+    def load(self, ctx) -> None:
+        ctx.artifacts["prediction"] = Prediction.load(ctx.out_dir / "prediction.npz")

@@ -1,0 +1,61 @@
+"""``python -m vggt4d.run [overrides]``: the Hydra entry point; it only composes stages.
+
+User errors (bad paths, bad values, inputs that do not fit) print one ``error:`` line and exit
+with status 2; a job that failed before writing any result leaves no job directory behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from vggt4d.cache import Cache
+from vggt4d.config import validate
+from vggt4d.errors import UserError
+from vggt4d.frames import FramesStage
+from vggt4d.pipeline import Context, execute, resolve
+from vggt4d.predict import PredictStage
+
+log = logging.getLogger("vggt4d")
+
+STAGES: dict[str, type] = {stage.name: stage for stage in (FramesStage, PredictStage)}
+"""Every stage the runner can compose, by the name used in ``pipeline``."""
+
+HYDRA_BOOKKEEPING = (".hydra", "run.log")
+
+
+def remove_if_no_results(out_dir: Path) -> None:
+    """Delete a job directory holding nothing but Hydra's own files."""
+    if not out_dir.is_dir() or any(p.name not in HYDRA_BOOKKEEPING for p in out_dir.iterdir()):
+        return
+    shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def run_job(cfg: DictConfig, out_dir: Path) -> Context:
+    """Validate ``cfg`` and run its pipeline into ``out_dir``."""
+    run = validate(cfg)
+    ctx = Context(run, out_dir, Cache(Path(run.cache_dir).expanduser().absolute()))
+    execute(resolve(run.pipeline, STAGES), ctx)
+    return ctx
+
+
+@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        run_job(cfg, out_dir)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        remove_if_no_results(out_dir)
+        sys.exit(2)
+    print(f"outputs: {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""``make bench``: speed figures, each with its reference measured in the same run.
+
+Results go to ``bench/results/<benchmark>.json`` with the machine, package versions, timings and
+the ratio to the reference, and a summary is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+from vggt4d.frames import processing_size, resize_frames
+from vggt4d.io import atomic_write
+from vggt4d.model import build_network
+from vggt4d.predict import run_forward
+from vggt4d.synthetic import SyntheticConfig, render_scene
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict[str, object]:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+               platform.processor())
+    return {
+        "cpu": cpu, "cores": torch.get_num_threads(), "gpu": torch.cuda.get_device_name()
+        if torch.cuda.is_available() else None, "python": platform.python_version(),
+        "torch": torch.__version__, "depth_anything_3": version("depth-anything-3"),
+    }
+
+
+def write_result(name: str, result: dict[str, object]) -> None:
+    record = {"benchmark": name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine(), **result}
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+
+    atomic_write(RESULTS / f"{name}.json", write)
+    print(json.dumps(record, indent=2))
+
+
+def hook_overhead(frames: int = 8, size: int = 280, repeats: int = 5) -> None:
+    """Hooked DA3 forward (no-op Q/K consumer on every block) / plain forward, da3-small,
+    8 frames at 280 px; plain and hooked runs interleaved, medians compared. Target ≤ 1.05."""
+    scene = render_scene(SyntheticConfig(num_frames=frames))
+    clip = resize_frames(scene.frames, processing_size(*scene.frames.shape[1:3], size))
+    torch.manual_seed(0)
+    net = build_network("da3-small")
+    cpu = torch.device("cpu")
+
+    def timed(consumer) -> float:
+        start = time.perf_counter()
+        run_forward(net, clip, device=cpu, dtype=torch.float32, on_qk=consumer, progress=False)
+        return time.perf_counter() - start
+
+    def no_op(_capture) -> None:
+        return None
+
+    timed(None), timed(no_op)  # warm-up
+    plain, hooked = [], []
+    for _ in range(repeats):
+        plain.append(timed(None))
+        hooked.append(timed(no_op))
+    ratio = statistics.median(hooked) / statistics.median(plain)
+    write_result("hook_overhead", {
+        "setup": f"da3-small random weights, {frames} frames {clip.shape[2]}x{clip.shape[1]}, "
+                 f"fp32 CPU, {repeats} interleaved repeats",
+        "plain_s": [round(t, 4) for t in plain], "hooked_s": [round(t, 4) for t in hooked],
+        "median_plain_s": round(statistics.median(plain), 4),
+        "median_hooked_s": round(statistics.median(hooked), 4),
+        "ratio": round(ratio, 4), "target": "<= 1.05", "met": bool(ratio <= 1.05),
+        "grid": [clip.shape[1] // 14, clip.shape[2] // 14],
+    })
+
+
+def main() -> None:
+    hook_overhead()
+
+
+if __name__ == "__main__":
+    main()

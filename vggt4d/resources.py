@@ -20,6 +20,10 @@ HEAD_ACTIVATION_FACTOR = 2.5
 """Live fp32 values per pixel and head feature channel at the DPT head's peak (measured on CPU:
 2.0 for da3-small at 12 frames and da3-base at 8 frames, 2.7 for da3-small at 4 frames)."""
 
+FORWARD_OVERHEAD_BYTES = GIB // 4
+"""Fixed cost of a forward whatever its size (thread pools, allocator slack; measured ≈ 0.15 GiB
+RSS growth beyond the formula for small clips on CPU)."""
+
 RUNTIME_OVERHEAD_BYTES = GIB // 2
 """Python, torch and the DA3 package themselves (measured ≈ 0.4 GiB RSS after import on CPU)."""
 
@@ -70,14 +74,15 @@ def estimate_forward_memory(
 ) -> MemoryEstimate:
     """Weights (fp32 storage) + activations of one forward over the whole clip.
 
-    activations = bytes(dtype)·T·(1 + h·w)·C·16 + 4·T·H·W·F·2.5, with C the embed width and F the
-    head features: the backbone keeps every frame's tokens (global blocks see the whole clip);
-    DA3 runs its DPT head in fp32 whatever the autocast dtype.
+    activations = bytes(dtype)·T·(1 + h·w)·C·16 + 4·T·H·W·F·2.5 + 0.25 GiB, with C the embed
+    width and F the head features: the backbone keeps every frame's tokens (global blocks see the
+    whole clip); DA3 runs its DPT head in fp32 whatever the autocast dtype.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     tokens = frames * (1 + (height // 14) * (width // 14))
     head = 4 * frames * height * width * head_features * HEAD_ACTIVATION_FACTOR
-    activations = int(itemsize * tokens * embed_dim * BLOCK_ACTIVATION_FACTOR + head)
+    activations = int(itemsize * tokens * embed_dim * BLOCK_ACTIVATION_FACTOR + head
+                      + FORWARD_OVERHEAD_BYTES)
     return MemoryEstimate(weights=4 * num_params, activations=activations, captured=captured_bytes)
 
 

@@ -30,8 +30,8 @@ GIANT_BANDS = {"shallow": (1, 5), "middle": (6, 15), "deep": (18, 21)}
 
 GIANT_DEPTH = 40
 
-KNOWN_STAGES = ("predict",)
-"""Stages the runner knows, in the order they may appear in ``pipeline``."""
+KNOWN_STAGES = ("predict", "gram", "maps", "masks", "viz", "eval")
+"""Stages the runner knows, in pipeline order."""
 
 
 def scale_band(band: tuple[int, int], num_blocks: int) -> tuple[int, int]:
@@ -109,11 +109,90 @@ class SyntheticData(SyntheticConfig):
 
 
 @dataclass
+class GramConfig:
+    """Gram statistics of Q/K (see :mod:`vggt4d.gram` for the definitions)."""
+
+    layers: list[int] = field(default_factory=list)
+    """Blocks to compute; empty = every block of the hooked network."""
+    window: str = "all"
+    offsets: list[int] = field(default_factory=lambda: [-6, -4, -2, 2, 4, 6])
+    include_self: bool = True
+    scale: bool = False
+    variance: str = "pairs"
+    heads: str = "mean"
+    engine: str = "moments"
+    chunk_size: int = 1024
+    pairs: list[str] = field(default_factory=lambda: ["qq", "kk", "qk"])
+    special_tokens: str = "model"
+    """``model``: strip ``model.patch_start_idx`` tokens; ``auto``: search 0–16 (checked)."""
+
+
+@dataclass
+class MapsConfig:
+    """Easi3R maps and VGGT4D cues (see :mod:`vggt4d.maps`)."""
+
+    band_mode: str = "mean_of_layers"
+    normalize: str = "minmax"
+    percentiles: list[float] = field(default_factory=lambda: [5.0, 95.0])
+    shallow_form: str = "official"
+    fusion: str = "product"
+    std_layers: list[int] = field(default_factory=list)
+    """Layers of the 1 − S^QK map in ``mean_with_inv_similarity``; empty = all band layers."""
+
+
+@dataclass
+class MasksConfig:
+    """From the fused map to binary masks (see :mod:`vggt4d.masks`)."""
+
+    kmeans: bool = False
+    kmeans_clusters: int = 64
+    upsample: str = "bilinear"
+    guide: str = "rgb"
+    guided_radius: float = 0.02
+    """Guided-filter box radius as a fraction of the frame's longer side."""
+    guided_eps: float = 1e-4
+    temporal_sigma: float = 0.0
+    binarize: str = "multi_otsu"
+    threshold: float = 0.5
+    low: float = 0.3
+    high: float = 0.6
+
+
+@dataclass
+class VizConfig:
+    """Pictures and videos (see :mod:`vggt4d.pictures`)."""
+
+    layers: list[int] = field(default_factory=list)
+    """Layers whose per-frame map PNGs are written; empty = the first block of each band."""
+    cmap: str = "jet"
+    videos: bool = True
+    fps: float = 10.0
+    sheet_frames: list[int] = field(default_factory=list)
+    """Frames that get a per-statistic contact sheet of all layers; empty = the middle frame."""
+
+
+@dataclass
+class EvalConfig:
+    """Mask evaluation against ground truth (DAVIS definitions, see :mod:`vggt4d.evaluate`)."""
+
+    gt_path: str = ""
+    """A folder of ground-truth mask PNGs for real clips; the synthetic scene brings its own."""
+    bound_th: float = 0.008
+    empty_score: float = 1.0
+
+
+@dataclass
 class RunConfig:
     """Top level of ``conf/config.yaml``."""
 
     model: ModelConfig = MISSING
     data: Any = MISSING
+    bands: BandsConfig = field(default_factory=BandsConfig)
+    gram: GramConfig = field(default_factory=GramConfig)
+    maps: MapsConfig = field(default_factory=MapsConfig)
+    masks: MasksConfig = field(default_factory=MasksConfig)
+    viz: VizConfig = field(default_factory=VizConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     process_res: int = 504
     device: str = "auto"
     dtype: str = "auto"
@@ -152,15 +231,61 @@ def round_process_res(process_res: int) -> int:
     return rounded
 
 
-def check_bands(bands: BandsConfig, num_blocks: int) -> None:
+def check_bands(bands: BandsConfig, num_blocks: int, prefix: str = "bands") -> None:
     """Each band is ``[first, last]`` with ``0 <= first <= last < num_blocks``."""
     for name in ("shallow", "middle", "deep"):
         band = list(getattr(bands, name))
         if len(band) != 2 or not 0 <= band[0] <= band[1] < num_blocks:
             raise UserError(
-                f"bands.{name}={band} is not a band of this model: give [first, last] with "
+                f"{prefix}.{name}={band} is not a band of this model: give [first, last] with "
                 f"0 <= first <= last <= {num_blocks - 1} (0-indexed blocks, inclusive)"
             )
+
+
+def band_layers(bands: BandsConfig) -> dict[str, tuple[int, ...]]:
+    """Band name → the blocks it spans."""
+    return {name: tuple(range(band[0], band[1] + 1))
+            for name in ("shallow", "middle", "deep")
+            for band in [list(getattr(bands, name))]}
+
+
+def _check_layers(name: str, layers: list[int], num_blocks: int) -> None:
+    bad = [layer for layer in layers if not 0 <= layer < num_blocks]
+    if bad:
+        raise UserError(f"{name}={list(layers)}: layers {bad} are outside this model's blocks "
+                        f"0-{num_blocks - 1}")
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UserError(f"{name}='{value}' is not one of {', '.join(allowed)}")
+
+
+def _check_stages(run: RunConfig) -> None:
+    blocks = run.model.num_blocks
+    check_bands(run.bands, blocks)
+    _check_layers("gram.layers", run.gram.layers, blocks)
+    _check_layers("maps.std_layers", run.maps.std_layers, blocks)
+    _check_layers("viz.layers", run.viz.layers, blocks)
+    _check_choice("gram.special_tokens", run.gram.special_tokens, ("model", "auto"))
+    _check_choice("maps.band_mode", run.maps.band_mode, ("mean_of_layers", "exact"))
+    _check_choice("maps.normalize", run.maps.normalize, ("minmax", "percentile"))
+    _check_choice("maps.shallow_form", run.maps.shallow_form, ("official", "notes"))
+    _check_choice("maps.fusion", run.maps.fusion, ("product", "sum", "mean_with_inv_similarity"))
+    _check_choice("masks.upsample", run.masks.upsample, ("bilinear", "guided"))
+    low, high = run.maps.percentiles if len(run.maps.percentiles) == 2 else (1, 0)
+    if not 0 <= low < high <= 100:
+        raise UserError(f"maps.percentiles={list(run.maps.percentiles)} must be [low, high] "
+                        f"with 0 <= low < high <= 100")
+    if run.maps.band_mode == "exact" and run.gram.engine == "chunked":
+        log.info("maps.band_mode=exact computes band statistics with gram.engine=chunked")
+    if run.masks.kmeans_clusters < 1:
+        raise UserError(f"masks.kmeans_clusters={run.masks.kmeans_clusters} must be >= 1")
+    if not 0 <= run.masks.guided_radius < 1:
+        raise UserError(f"masks.guided_radius={run.masks.guided_radius} is a fraction of the "
+                        f"frame's longer side: use 0 <= r < 1 (the user's scripts: 0.01-0.02)")
+    if run.viz.fps <= 0:
+        raise UserError(f"viz.fps={run.viz.fps} must be > 0")
 
 
 def _check_model(model: ModelConfig) -> None:
@@ -203,6 +328,7 @@ def validate(cfg: DictConfig) -> RunConfig:
         raise UserError(f"{key} is required: set it on the command line, e.g. {key}=...") from None
     _check_model(run.model)
     _check_data(run.data)
+    _check_stages(run)
     run.process_res = round_process_res(run.process_res)
     if run.dtype not in DTYPES:
         raise UserError(f"dtype='{run.dtype}' is not one of {', '.join(DTYPES)}")

@@ -8,12 +8,14 @@ reuses a cached result when a stage with output ``files`` returns a ``cache_key`
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from vggt4d.cache import Cache
 from vggt4d.config import RunConfig
+from vggt4d.hook import QKConsumer, TokenConsumer
 
 log = logging.getLogger("vggt4d")
 
@@ -26,6 +28,25 @@ class Context:
     out_dir: Path
     cache: Cache
     artifacts: dict[str, Any] = field(default_factory=dict)
+    stages: list[Stage] = field(default_factory=list)
+
+
+@dataclass
+class ForwardTap:
+    """What a stage needs from inside the DA3 forward (see ``Stage.forward_tap``).
+
+    The predict stage runs every tap in its one hooked forward, adds ``key`` to its cache key and
+    ``files`` (written by ``save(out_dir)`` after the forward) to its cached outputs, so a cached
+    forward serves every stage that tapped it.
+    """
+
+    key: dict[str, Any]
+    files: tuple[str, ...]
+    save: Callable[[Path], None]
+    on_qk: QKConsumer | None = None
+    qk_layers: frozenset[int] = frozenset()
+    on_tokens: TokenConsumer | None = None
+    token_layers: frozenset[int] = frozenset()
 
 
 class Stage(Protocol):
@@ -48,6 +69,12 @@ class Stage(Protocol):
         """Put ``provides`` into artifacts from ``files`` already in ``ctx.out_dir``."""
 
 
+def forward_taps(ctx: Context) -> list[ForwardTap]:
+    """The taps of every stage of the job that defines ``forward_tap(ctx)``."""
+    taps = (stage.forward_tap(ctx) for stage in ctx.stages if hasattr(stage, "forward_tap"))
+    return [tap for tap in taps if tap is not None]
+
+
 def resolve(requested: list[str], available: dict[str, type]) -> list[Stage]:
     """Instantiate the requested stages in order, preceded by the providers of their inputs."""
     provider = {artifact: name for name, cls in available.items() for artifact in cls.provides}
@@ -67,6 +94,7 @@ def resolve(requested: list[str], available: dict[str, type]) -> list[Stage]:
 
 def execute(stages: list[Stage], ctx: Context) -> None:
     """Check every stage, then run (or restore from the cache) each in order."""
+    ctx.stages = stages
     for stage in stages:
         stage.check(ctx)
     for stage in stages:

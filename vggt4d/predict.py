@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,15 @@ from tqdm import tqdm
 from vggt4d import __version__
 from vggt4d.cache import content_key
 from vggt4d.frames import normalize
-from vggt4d.hook import PATCH_SIZE, QKConsumer, capture_attention, hooked_backbone
+from vggt4d.hook import (
+    PATCH_SIZE,
+    BlockQK,
+    BlockTokens,
+    QKConsumer,
+    TokenConsumer,
+    capture_attention,
+    hooked_backbone,
+)
 from vggt4d.io import atomic_write
 from vggt4d.model import (
     build_network,
@@ -32,6 +41,7 @@ from vggt4d.model import (
     parameter_count,
     resolve_weights,
 )
+from vggt4d.pipeline import ForwardTap, forward_taps
 from vggt4d.resources import (
     GIB,
     available_bytes,
@@ -98,17 +108,22 @@ def run_forward(
     hooked_network: str = "",
     ref_view_strategy: str = "saddle_balanced",
     on_qk: QKConsumer | None = None,
+    qk_layers: Sequence[int] | None = None,
+    on_tokens: TokenConsumer | None = None,
+    token_layers: Sequence[int] | None = None,
     progress: bool = True,
 ) -> Prediction:
     """Run DA3 on processed uint8 frames ``(T, H, W, 3)`` (sides multiples of 14).
 
-    With ``on_qk`` the attention of every backbone block of ``hooked_network`` is captured
-    (:func:`vggt4d.hook.capture_attention`).
+    With ``on_qk`` / ``on_tokens`` the attention Q/K / block tokens of the chosen blocks of
+    ``hooked_network`` are captured (:func:`vggt4d.hook.capture_attention`).
     """
     height, width = frames.shape[1:3]
     images = normalize(frames).to(device)[None]
-    hooks = (capture_attention(net, on_qk, hooked_network=hooked_network)
-             if on_qk is not None else contextlib.nullcontext())
+    hooked = on_qk is not None or on_tokens is not None
+    hooks = (capture_attention(net, on_qk, hooked_network=hooked_network, layers=qk_layers,
+                               on_tokens=on_tokens, token_layers=token_layers)
+             if hooked else contextlib.nullcontext())
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     with hooks, autocast, block_progress(net, hooked_network, progress):
         output = net(images, extrinsics=None, intrinsics=None, export_feat_layers=[],
@@ -133,15 +148,18 @@ class PredictStage:
     name = "predict"
     requires = ("processed_frames",)
     provides = ("prediction",)
-    files = ("prediction.npz",)
+    files: tuple[str, ...] = ("prediction.npz",)
 
     def check(self, ctx) -> None:
-        """Depth table against the network (built empty), then device and dtype."""
+        """Depth table against the network (built empty), device and dtype, and the taps that
+        later stages put into the forward (their files join this stage's cached outputs)."""
         model = ctx.cfg.model
         self.empty_net = build_network(model.name, empty=True)
         check_depth_table(model, self.empty_net)
         self.device = resolve_device(ctx.cfg.device)
         self.dtype = resolve_dtype(ctx.cfg.dtype, self.device)
+        self.taps: list[ForwardTap] = forward_taps(ctx)
+        self.files = ("prediction.npz", *(name for tap in self.taps for name in tap.files))
 
     def cache_key(self, ctx) -> str:
         from importlib.metadata import version
@@ -157,6 +175,7 @@ class PredictStage:
         return content_key(
             frames.tobytes(), frames.shape, model.name, weights, model.ref_view_strategy,
             str(self.dtype), self.device.type, version("depth-anything-3"), __version__,
+            [tap.key for tap in self.taps],
         )
 
     def run(self, ctx) -> None:
@@ -180,10 +199,30 @@ class PredictStage:
         net.to(self.device)
         log.info("predict: %s (%s weights) on %s, %s", model.name, model.weights,
                  self.device, str(self.dtype).removeprefix("torch."))
-        prediction = run_forward(net, frames, device=self.device, dtype=self.dtype,
-                                 hooked_network=model.hooked_network,
-                                 ref_view_strategy=model.ref_view_strategy)
+        qk_taps = [tap for tap in self.taps if tap.on_qk is not None]
+        token_taps = [tap for tap in self.taps if tap.on_tokens is not None]
+
+        def on_qk(capture: BlockQK) -> None:
+            for tap in qk_taps:
+                if capture.layer in tap.qk_layers:
+                    tap.on_qk(capture)
+
+        def on_tokens(tokens: BlockTokens) -> None:
+            for tap in token_taps:
+                if tokens.layer in tap.token_layers:
+                    tap.on_tokens(tokens)
+
+        prediction = run_forward(
+            net, frames, device=self.device, dtype=self.dtype,
+            hooked_network=model.hooked_network, ref_view_strategy=model.ref_view_strategy,
+            on_qk=on_qk if qk_taps else None,
+            qk_layers=sorted(set().union(*(tap.qk_layers for tap in qk_taps))),
+            on_tokens=on_tokens if token_taps else None,
+            token_layers=sorted(set().union(*(tap.token_layers for tap in token_taps))),
+        )
         prediction.save(ctx.out_dir / "prediction.npz")
+        for tap in self.taps:
+            tap.save(ctx.out_dir)
         ctx.artifacts["prediction"] = prediction
 
     def load(self, ctx) -> None:

@@ -18,13 +18,22 @@ from omegaconf import DictConfig
 from vggt4d.cache import Cache
 from vggt4d.config import validate
 from vggt4d.errors import UserError
+from vggt4d.evaluate import EvalStage
 from vggt4d.frames import FramesStage
+from vggt4d.gram import GramStage
+from vggt4d.maps import MapsStage
+from vggt4d.masks import MasksStage
+from vggt4d.pictures import PicturesStage
 from vggt4d.pipeline import Context, execute, resolve
 from vggt4d.predict import PredictStage
 
 log = logging.getLogger("vggt4d")
 
-STAGES: dict[str, type] = {stage.name: stage for stage in (FramesStage, PredictStage)}
+STAGES: dict[str, type] = {
+    stage.name: stage
+    for stage in (FramesStage, PredictStage, GramStage, MapsStage, MasksStage, PicturesStage,
+                  EvalStage)
+}
 """Every stage the runner can compose, by the name used in ``pipeline``."""
 
 HYDRA_BOOKKEEPING = (".hydra", "run.log")

@@ -1,0 +1,439 @@
+"""Gram statistics of attention Q/K, computed while DA3 runs (VGGT4D §3.2, DESIGN §3).
+
+For a reference frame t, patch p, and X, Y ∈ {Q, K} the similarities with every source patch p'
+of every source frame s ∈ W(t) are g(t,p,s,p') = c·⟨X_t,p , Y_s,p'⟩, with heads averaged
+(c = scale / heads on head-concatenated vectors) or kept (per head, c = scale); scale is 1/√d
+(the user's scripts) or 1 (VGGT4D). From them, per (t, p):
+- ``mean``: mean over (s, p') of g;
+- ``var`` with variance ``pairs``: unbiased variance over all (s, p') pairs (the user's Var(QKᵀ));
+- ``var`` with variance ``spatial``: VGGT4D's unbiased *standard deviation* over p' of
+  mean_s g(t,p,s,p') (heads and window frames averaged first).
+
+Two engines give the same numbers:
+- ``moments`` (default): exact closed forms. mean = c·⟨x, μ_W⟩ and var = c²·xᵀΣ_W x·n/(n−1), with
+  μ_W, Σ_W the mean and covariance of the source vectors (for ``spatial``: of the window-averaged
+  source vectors ȳ_p'). Costs O(N·D²) and memory O(D²) per window, no N×N matrix.
+- ``chunked``: the user's method — similarity blocks of ``chunk_size`` reference × source tokens,
+  reduced into per-token running (count, mean, M2) with Chan's parallel merge in float64.
+:func:`dense_statistics` builds the full similarity matrix in float64: the reference for tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from vggt4d.errors import UserError
+from vggt4d.hook import BlockQK
+
+PAIRS = ("qq", "kk", "qk")
+STATS = ("mean", "var")
+WINDOWS = ("all", "attended", "offsets")
+VARIANCES = ("pairs", "spatial")
+HEADS = ("mean", "keep")
+ENGINES = ("moments", "chunked")
+MAX_SPECIAL_TOKENS = 16
+REFERENCE_BATCH = 8
+"""Reference frames per quadratic-form batch: bounds the moments engine's extra memory."""
+
+
+@dataclass(frozen=True)
+class GramSpec:
+    """What to compute; mirrors the ``gram`` config group."""
+
+    window: str = "all"
+    offsets: tuple[int, ...] = (-6, -4, -2, 2, 4, 6)
+    include_self: bool = True
+    scale: bool = False
+    variance: str = "pairs"
+    heads: str = "mean"
+    engine: str = "moments"
+    chunk_size: int = 1024
+    pairs: tuple[str, ...] = PAIRS
+
+    def check(self) -> None:
+        for name, value, allowed in (("window", self.window, WINDOWS),
+                                     ("variance", self.variance, VARIANCES),
+                                     ("heads", self.heads, HEADS),
+                                     ("engine", self.engine, ENGINES)):
+            if value not in allowed:
+                raise UserError(f"gram.{name}='{value}' is not one of {', '.join(allowed)}")
+        unknown = [pair for pair in self.pairs if pair not in PAIRS]
+        if unknown or not self.pairs:
+            raise UserError(f"gram.pairs={list(self.pairs)} must be a non-empty subset of "
+                            f"{list(PAIRS)}")
+        if self.chunk_size < 1:
+            raise UserError(f"gram.chunk_size={self.chunk_size} must be >= 1")
+        if self.window == "offsets" and not self.offsets and not self.include_self:
+            raise UserError("gram.offsets is empty and gram.include_self=false: no source frames")
+
+
+def source_windows(num_frames: int, spec: GramSpec, is_global: bool) -> list[tuple[int, ...]]:
+    """Source frames W(t) of every reference frame t, truncated at the clip's ends.
+
+    ``all``: every frame; ``attended``: what the block attends (its own frame in a per-frame
+    block, every frame in a global block; ``include_self`` does not apply); ``offsets``: t + o for
+    each offset. ``include_self`` adds or removes t itself for ``all`` and ``offsets``.
+    """
+    windows = []
+    for t in range(num_frames):
+        if spec.window == "attended":
+            windows.append(tuple(range(num_frames)) if is_global else (t,))
+            continue
+        if spec.window == "all":
+            frames = set(range(num_frames))
+        else:
+            frames = {t + o for o in spec.offsets if 0 <= t + o < num_frames}
+        frames = frames | {t} if spec.include_self else frames - {t}
+        if not frames:
+            raise UserError(
+                f"gram window {spec.window} {list(spec.offsets)} leaves frame {t} of a "
+                f"{num_frames}-frame clip without source frames; use smaller offsets, "
+                f"gram.include_self=true or gram.window=all"
+            )
+        windows.append(tuple(sorted(frames)))
+    return windows
+
+
+def special_token_count(tokens_per_frame: int, grid: tuple[int, int],
+                        patch_start_idx: int | None) -> int:
+    """Leading special tokens per frame: the model's ``patch_start_idx``, checked against the
+    grid, or (None) the user's search — drop 0–16 leading tokens until the rest fit the grid."""
+    patches = grid[0] * grid[1]
+    if patch_start_idx is not None:
+        if tokens_per_frame - patch_start_idx != patches:
+            raise UserError(
+                f"{tokens_per_frame} tokens per frame minus patch_start_idx={patch_start_idx} do "
+                f"not fit the {grid[0]}x{grid[1]} patch grid; set gram.special_tokens=auto"
+            )
+        return patch_start_idx
+    for count in range(MAX_SPECIAL_TOKENS + 1):
+        if tokens_per_frame - count == patches:
+            return count
+    raise UserError(f"no count of 0-{MAX_SPECIAL_TOKENS} special tokens leaves the "
+                    f"{grid[0]}x{grid[1]} grid from {tokens_per_frame} tokens per frame")
+
+
+def group_heads(x: Tensor, heads: str) -> Tensor:
+    """(T, H, P, d) → (T, G, P, D): one group of head-concatenated vectors (D = H·d, ``mean``)
+    or one group per head (``keep``)."""
+    if heads == "keep":
+        return x
+    frames, num_heads, patches, dim = x.shape
+    return x.permute(0, 2, 1, 3).reshape(frames, 1, patches, num_heads * dim)
+
+
+def similarity_factor(num_heads: int, head_dim: int, spec: GramSpec, layers: int = 1) -> float:
+    """c in g = c·⟨x, y⟩: 1/√d when scaled, averaged over heads (``mean``) and band layers."""
+    factor = 1 / math.sqrt(head_dim) if spec.scale else 1.0
+    return factor / (layers * (num_heads if spec.heads == "mean" else 1))
+
+
+def _group_windows(windows: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], list[int]]:
+    grouped: dict[tuple[int, ...], list[int]] = {}
+    for t, window in enumerate(windows):
+        grouped.setdefault(window, []).append(t)
+    return grouped
+
+
+class _FrameMoments:
+    """Shifted first and second moments of each source frame, (G, D) and (G, D, D) in float64.
+
+    Shifting by one fixed vector per group before squaring keeps the covariance accurate when
+    the mean is large compared with the spread; frames are kept in a small cache because
+    neighbouring offset windows share most of their frames.
+    """
+
+    def __init__(self, y: Tensor, cache_frames: int = 16) -> None:
+        self.y = y
+        self.shift = y[0].mean(dim=1, keepdim=True)  # (G, 1, D)
+        self.cache: dict[int, tuple[Tensor, Tensor]] = {}
+        self.cache_frames = cache_frames
+
+    def frame(self, s: int) -> tuple[Tensor, Tensor]:
+        if s not in self.cache:
+            centred = self.y[s] - self.shift
+            moments = (centred.sum(dim=1).double(),
+                       (centred.transpose(1, 2) @ centred).double())
+            if len(self.cache) >= self.cache_frames:
+                self.cache.pop(next(iter(self.cache)))
+            self.cache[s] = moments
+        return self.cache[s]
+
+    def window(self, frames: Sequence[int]) -> tuple[Tensor, Tensor, int]:
+        """Mean (G, D) and population covariance (G, D, D) of all patches of ``frames``."""
+        first = torch.zeros_like(self.shift[:, 0], dtype=torch.float64)
+        second = torch.zeros(first.shape + first.shape[-1:], dtype=torch.float64,
+                             device=first.device)
+        for s in frames:
+            frame_first, frame_second = self.frame(s)
+            first += frame_first
+            second += frame_second
+        count = len(frames) * self.y.shape[2]
+        mean = first / count
+        cov = second / count - mean[:, :, None] * mean[:, None, :]
+        return mean + self.shift[:, 0].double(), cov, count
+
+
+def _spatial_moments(y: Tensor, frames: Sequence[int]) -> tuple[Tensor, Tensor, int]:
+    """Mean (G, D) and population covariance over p' (G, D, D) of ȳ_p' = mean_s y_s,p'."""
+    averaged = y[list(frames)].mean(dim=0)  # (G, P, D)
+    mean = averaged.mean(dim=1, keepdim=True)
+    centred = averaged - mean
+    cov = (centred.transpose(1, 2) @ centred).double() / averaged.shape[1]
+    return mean[:, 0].double(), cov, averaged.shape[1]
+
+
+def moments_statistics(x: Tensor, y: Tensor, windows: Sequence[tuple[int, ...]], *,
+                       factor: float, variance: str) -> tuple[Tensor, Tensor]:
+    """Closed-form statistics. x, y: (T, G, P, D) → mean, var: (T, G, P) float32.
+
+    mean = c·⟨x, μ_W⟩; ``pairs``: var = c²·xᵀΣ_W x·n/(n−1) over n = |W|·P source vectors;
+    ``spatial``: std = c·√(xᵀ Cov_p'(ȳ) x · P/(P−1)) with ȳ averaged over the window frames.
+    """
+    frames, groups, patches, _dim = x.shape
+    mean_out = x.new_empty((frames, groups, patches), dtype=torch.float32)
+    var_out = torch.empty_like(mean_out)
+    pair_moments = _FrameMoments(y) if variance == "pairs" else None
+    for window, refs in _group_windows(windows).items():
+        if pair_moments is not None:
+            mu, cov, count = pair_moments.window(window)
+        else:
+            mu, cov, count = _spatial_moments(y, window)
+        mu, cov = mu.to(x.dtype), cov.to(x.dtype)
+        for batch in range(0, len(refs), REFERENCE_BATCH):
+            batch_refs = refs[batch:batch + REFERENCE_BATCH]
+            xs = x[batch_refs]  # (R, G, P, D)
+            mean_out[batch_refs] = (factor * torch.einsum("rgpd,gd->rgp", xs, mu)).float()
+            quad = ((xs @ cov[None]) * xs).sum(-1).clamp_min(0)
+            unbiased = quad * (factor**2 * count / max(count - 1, 1))
+            var_out[batch_refs] = (unbiased if variance == "pairs" else unbiased.sqrt()).float()
+    return mean_out, var_out
+
+
+def _merge(state: tuple[Tensor, Tensor, Tensor], block: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Chan et al. parallel update of (count, mean, M2) with a block of samples on the last axis."""
+    count, mean, m2 = state
+    block = block.double()
+    block_count = block.shape[-1]
+    block_mean = block.mean(-1)
+    block_m2 = ((block - block_mean[..., None]) ** 2).sum(-1)
+    total = count + block_count
+    delta = block_mean - mean
+    mean = mean + delta * (block_count / total)
+    m2 = m2 + block_m2 + delta**2 * (count * block_count / total)
+    return total, mean, m2
+
+
+def chunked_statistics(x: Tensor, y: Tensor, windows: Sequence[tuple[int, ...]], *,
+                       factor: float, variance: str, chunk_size: int = 1024
+                       ) -> tuple[Tensor, Tensor]:
+    """Streamed statistics: similarity blocks of ``chunk_size`` × ``chunk_size`` tokens merged
+    into running per-token moments; nothing larger than one block is ever formed."""
+    frames, groups, patches, _dim = x.shape
+    mean_out = x.new_empty((frames, groups, patches), dtype=torch.float32)
+    var_out = torch.empty_like(mean_out)
+    for window, refs in _group_windows(windows).items():
+        sources = [y[s] for s in window] if variance == "pairs" else [y[list(window)].mean(0)]
+        for t in refs:
+            for start in range(0, patches, chunk_size):
+                queries = x[t, :, start:start + chunk_size]  # (G, C, D)
+                zeros = queries.new_zeros(queries.shape[:2], dtype=torch.float64)
+                state = (0, zeros, zeros.clone())
+                for source in sources:
+                    for first in range(0, patches, chunk_size):
+                        block = factor * (queries @ source[:, first:first + chunk_size].mT)
+                        state = _merge(state, block)
+                count, mean, m2 = state
+                var = m2 / max(count - 1, 1)
+                stop = start + queries.shape[1]
+                mean_out[t, :, start:stop] = mean.float()
+                var_out[t, :, start:stop] = (var if variance == "pairs" else var.sqrt()).float()
+    return mean_out, var_out
+
+
+def dense_statistics(x: Tensor, y: Tensor, windows: Sequence[tuple[int, ...]], *,
+                     factor: float, variance: str) -> tuple[Tensor, Tensor]:
+    """Reference: the full float64 similarity matrix of each reference frame, then torch's own
+    mean / var / std. Memory O(P·|W|·P): for tests and small benchmarks only."""
+    x, y = x.double(), y.double()
+    means, variances = [], []
+    for t, window in enumerate(windows):
+        sims = factor * torch.einsum("gpd,sgqd->gpsq", x[t], y[list(window)])  # (G, P, S, P)
+        means.append(sims.mean(dim=(2, 3)))
+        if variance == "pairs":
+            variances.append(sims.flatten(2).var(dim=2))
+        else:
+            variances.append(sims.mean(dim=2).std(dim=2))
+    return torch.stack(means).float(), torch.stack(variances).float()
+
+
+ENGINE_FUNCTIONS = {"moments": moments_statistics, "chunked": chunked_statistics}
+
+
+def pair_statistics(x: Tensor, y: Tensor, windows: Sequence[tuple[int, ...]], *,
+                    factor: float, spec: GramSpec) -> tuple[Tensor, Tensor]:
+    """The configured engine on grouped vectors (T, G, P, D) → mean, var (T, G, P)."""
+    if spec.engine == "chunked":
+        return chunked_statistics(x, y, windows, factor=factor, variance=spec.variance,
+                                  chunk_size=spec.chunk_size)
+    return moments_statistics(x, y, windows, factor=factor, variance=spec.variance)
+
+
+def stat_key(pair: str, stat: str, layer: int) -> str:
+    """Key of a per-layer map in ``gram_stats.safetensors``."""
+    return f"{pair}.{stat}.L{layer:02d}"
+
+
+def band_key(pair: str, stat: str, band: str) -> str:
+    """Key of a band map computed in ``exact`` mode (layers averaged before the statistics)."""
+    return f"{pair}.{stat}.band_{band}"
+
+
+def _as_maps(values: Tensor, grid: tuple[int, int], heads: str) -> Tensor:
+    """(T, G, P) → (T, h, w) when heads are averaged, (T, H, h, w) when kept; float32 on CPU."""
+    maps = values.reshape(values.shape[0], values.shape[1], *grid).cpu()
+    return maps[:, 0] if heads == "mean" else maps
+
+
+@dataclass
+class GramCollector:
+    """Q/K consumer for :func:`vggt4d.hook.capture_attention`: statistics of each selected
+    layer as the forward reaches it, plus ``exact`` band statistics once a band's last layer ran.
+
+    ``patch_start_idx`` None searches the special-token count (see :func:`special_token_count`).
+    """
+
+    spec: GramSpec
+    layers: frozenset[int]
+    patch_start_idx: int | None = 1
+    exact_bands: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    maps: dict[str, Tensor] = field(default_factory=dict)
+    grid: tuple[int, int] | None = None
+    _band_buffers: dict[int, tuple[Tensor, Tensor, bool]] = field(default_factory=dict)
+
+    def __call__(self, capture: BlockQK) -> None:
+        needed_by_band = any(capture.layer in band for band in self.exact_bands.values())
+        if capture.layer not in self.layers and not needed_by_band:
+            return
+        q, k = self._patches(capture)
+        if capture.layer in self.layers:
+            windows = source_windows(capture.layout.num_frames, self.spec, capture.is_global)
+            factor = similarity_factor(q.shape[1], q.shape[-1], self.spec)
+            self._store(q, k, windows, factor, lambda pair, stat: stat_key(pair, stat,
+                                                                            capture.layer))
+        if needed_by_band:
+            self._band_buffers[capture.layer] = (q, k, capture.is_global)
+            self._finish_bands(capture.layout.num_frames)
+
+    def _patches(self, capture: BlockQK) -> tuple[Tensor, Tensor]:
+        layout = capture.layout
+        q, k = capture.q, capture.k
+        for name, tensor in (("Q", q), ("K", k)):
+            if not torch.isfinite(tensor).all():
+                raise UserError(f"non-finite values (NaN/inf) in {name} of layer "
+                                f"{capture.layer}; try dtype=fp32 or another checkpoint")
+        start = special_token_count(layout.tokens_per_frame, layout.grid, self.patch_start_idx)
+        self.grid = layout.grid
+        return q[:, :, start:], k[:, :, start:]
+
+    def _store(self, q: Tensor, k: Tensor, windows, factor: float, key) -> None:
+        vectors = {"q": group_heads(q, self.spec.heads), "k": group_heads(k, self.spec.heads)}
+        for pair in self.spec.pairs:
+            mean, var = pair_statistics(vectors[pair[0]], vectors[pair[1]], windows,
+                                        factor=factor, spec=self.spec)
+            self.maps[key(pair, "mean")] = _as_maps(mean, self.grid, self.spec.heads)
+            self.maps[key(pair, "var")] = _as_maps(var, self.grid, self.spec.heads)
+
+    def _finish_bands(self, num_frames: int) -> None:
+        for name, band in self.exact_bands.items():
+            if band_key(self.spec.pairs[0], "mean", name) in self.maps:
+                continue
+            if not all(layer in self._band_buffers for layer in band):
+                continue
+            parts = [self._band_buffers[layer] for layer in band]
+            q = torch.cat([p[0] for p in parts], dim=-1)
+            k = torch.cat([p[1] for p in parts], dim=-1)
+            windows = source_windows(num_frames, self.spec, all(p[2] for p in parts))
+            factor = similarity_factor(q.shape[1], parts[0][0].shape[-1], self.spec, len(band))
+            self._store(q, k, windows, factor, lambda pair, stat, n=name: band_key(pair, stat, n))
+        done = {layer for name, band in self.exact_bands.items()
+                if band_key(self.spec.pairs[0], "mean", name) in self.maps for layer in band}
+        pending = {layer for name, band in self.exact_bands.items()
+                   if band_key(self.spec.pairs[0], "mean", name) not in self.maps
+                   for layer in band}
+        for layer in done - pending:
+            self._band_buffers.pop(layer, None)
+
+
+def spec_from_config(cfg) -> GramSpec:
+    """The :class:`GramSpec` of a ``gram`` config group, checked."""
+    spec = GramSpec(window=cfg.window, offsets=tuple(cfg.offsets), include_self=cfg.include_self,
+                    scale=cfg.scale, variance=cfg.variance, heads=cfg.heads, engine=cfg.engine,
+                    chunk_size=cfg.chunk_size, pairs=tuple(cfg.pairs))
+    spec.check()
+    return spec
+
+
+class GramStage:
+    """Statistics computed inside the (cached) DA3 forward → ``gram_stats.safetensors``.
+
+    One ``(T, h, w)`` float32 tensor per key ``{pair}.{stat}.L{layer:02d}`` (``(T, heads, h, w)``
+    with ``gram.heads=keep``), plus ``{pair}.{stat}.band_{name}`` in ``maps.band_mode=exact``;
+    the metadata records how they were computed.
+    """
+
+    name = "gram"
+    requires = ("prediction",)
+    provides = ("gram_stats",)
+    files: tuple[str, ...] = ()
+    output = "gram_stats.safetensors"
+
+    def check(self, ctx) -> None:
+        spec_from_config(ctx.cfg.gram)
+
+    def forward_tap(self, ctx):
+        from vggt4d.config import band_layers
+        from vggt4d.pipeline import ForwardTap
+
+        cfg = ctx.cfg
+        spec = spec_from_config(cfg.gram)
+        layers = frozenset(cfg.gram.layers or range(cfg.model.num_blocks))
+        exact = band_layers(cfg.bands) if cfg.maps.band_mode == "exact" else {}
+        patch_start = cfg.model.patch_start_idx if cfg.gram.special_tokens == "model" else None
+        collector = GramCollector(spec, layers, patch_start, exact)
+        needed = layers | {layer for band in exact.values() for layer in band}
+        metadata = {"model": cfg.model.name, "spec": repr(spec), "window": spec.window,
+                    "offsets": str(list(spec.offsets)), "include_self": str(spec.include_self),
+                    "variance": spec.variance, "heads": spec.heads, "engine": spec.engine,
+                    "scale": str(spec.scale), "special_tokens": cfg.gram.special_tokens,
+                    "exact_bands": str({k: list(v) for k, v in exact.items()})}
+
+        def save(out_dir) -> None:
+            from safetensors.torch import save_file
+
+            from vggt4d.io import atomic_write
+
+            info = {**metadata, "grid": str(list(collector.grid or ()))}
+            tensors = {key: value.contiguous() for key, value in collector.maps.items()}
+            atomic_write(out_dir / self.output,
+                         lambda tmp: save_file(tensors, str(tmp), metadata=info))
+
+        return ForwardTap(key={"gram": metadata, "layers": sorted(layers)},
+                          files=(self.output,), save=save, on_qk=collector,
+                          qk_layers=frozenset(needed))
+
+    def cache_key(self, ctx) -> None:
+        return None
+
+    def run(self, ctx) -> None:
+        from safetensors.torch import load_file
+
+        ctx.artifacts["gram_stats"] = load_file(str(ctx.out_dir / self.output))
+
+    def load(self, ctx) -> None:
+        self.run(ctx)

@@ -1,0 +1,166 @@
+"""Easi3R-style attention maps and VGGT4D's dynamic cues from the Gram statistics.
+
+All maps are ``(T, h, w)`` at patch resolution. Every statistic is normalised per frame before it
+enters a formula, as in VGGT4D: ``N(x) = (x − min) / (max − min + 1e-6)`` (``minmax``) or, with
+``percentile``, clipped to the [p_lo, p_hi] percentiles first. A constant frame normalises to 0
+everywhere (nothing in it stands out), never to NaN.
+
+Easi3R maps of one layer (from QKᵀ): similarity N(S), inv_similarity 1 − N(S), variance N(V),
+stability 1 − N(V).
+VGGT4D cues over bands (VGGT4D §3.2): w_shallow = (1 − N(S^KK))·N(V^QK) (official code; the
+user's notes' form 1 − N(S^KK)·N(V^QK) as ``shallow_form=notes``), w_middle = 1 − N(S^QQ),
+w_deep = N(S^QQ)·(1 − N(V^QQ)); fused Dyn = N(w_shallow·w_middle·w_deep).
+A band's statistic is the mean of its layers' statistics (``mean_of_layers``) or the statistic of
+the layer-averaged similarities (``exact``, the official order, computed in the forward).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vggt4d.config import MapsConfig, band_layers
+from vggt4d.gram import band_key, stat_key
+from vggt4d.io import atomic_write
+
+log = logging.getLogger(__name__)
+
+EPS = 1e-6
+EASI3R_MAPS = ("similarity", "inv_similarity", "variance", "stability")
+CUES = ("w_shallow", "w_middle", "w_deep")
+
+
+def normalize(maps: Tensor, method: str = "minmax",
+              percentiles: tuple[float, float] = (5.0, 95.0)) -> Tensor:
+    """Per-frame normalisation of ``(T, h, w)`` maps to [0, 1] (constant frames → 0)."""
+    flat = maps.reshape(maps.shape[0], -1).double()
+    if method == "percentile":
+        bounds = torch.tensor([percentiles[0] / 100, percentiles[1] / 100], dtype=flat.dtype)
+        low, high = torch.quantile(flat, bounds, dim=1, keepdim=True)
+        flat = torch.minimum(torch.maximum(flat, low), high)
+    else:
+        low = flat.min(dim=1, keepdim=True).values
+        high = flat.max(dim=1, keepdim=True).values
+    return ((flat - low) / (high - low + EPS)).reshape(maps.shape).float()
+
+
+def per_frame_maps(stats: dict[str, Tensor], key: str) -> Tensor:
+    """A statistic as ``(T, h, w)``: statistics kept per head are averaged over heads."""
+    value = stats[key]
+    return value.mean(dim=1) if value.ndim == 4 else value
+
+
+def band_statistic(stats: dict[str, Tensor], pair: str, stat: str, band: str,
+                   layers: tuple[int, ...], mode: str) -> Tensor:
+    """Raw band statistic: mean over the band's per-layer maps, or the ``exact`` band map."""
+    if mode == "exact":
+        return per_frame_maps(stats, band_key(pair, stat, band))
+    return torch.stack([per_frame_maps(stats, stat_key(pair, stat, layer))
+                        for layer in layers]).mean(dim=0)
+
+
+def easi3r_maps(stats: dict[str, Tensor], layer: int, cfg: MapsConfig) -> dict[str, Tensor]:
+    """similarity, inv_similarity, variance, stability of one layer's QKᵀ statistics."""
+    norm = _normalizer(cfg)
+    similarity = norm(per_frame_maps(stats, stat_key("qk", "mean", layer)))
+    variance = norm(per_frame_maps(stats, stat_key("qk", "var", layer)))
+    return {"similarity": similarity, "inv_similarity": 1 - similarity,
+            "variance": variance, "stability": 1 - variance}
+
+
+def vggt4d_cues(stats: dict[str, Tensor], bands: dict[str, tuple[int, ...]],
+                cfg: MapsConfig) -> dict[str, Tensor]:
+    """w_shallow, w_middle, w_deep over their bands (formulas in the module docstring)."""
+    norm = _normalizer(cfg)
+
+    def band(pair: str, stat: str, name: str) -> Tensor:
+        return norm(band_statistic(stats, pair, stat, name, bands[name], cfg.band_mode))
+
+    s_kk, v_qk = band("kk", "mean", "shallow"), band("qk", "var", "shallow")
+    shallow = 1 - s_kk * v_qk if cfg.shallow_form == "notes" else (1 - s_kk) * v_qk
+    middle = 1 - band("qq", "mean", "middle")
+    deep = band("qq", "mean", "deep") * (1 - band("qq", "var", "deep"))
+    return {"w_shallow": shallow, "w_middle": middle, "w_deep": deep}
+
+
+def fuse(cues: dict[str, Tensor], stats: dict[str, Tensor], bands: dict[str, tuple[int, ...]],
+         cfg: MapsConfig) -> Tensor:
+    """The dynamic map, normalised: ``product`` (VGGT4D), ``sum`` (the user's robust script), or
+    ``mean_with_inv_similarity`` = (N(product) + 1 − N(mean over layers of S^QK)) / 2 (the
+    user's fused/refined scripts)."""
+    norm = _normalizer(cfg)
+    shallow, middle, deep = (cues[name] for name in CUES)
+    if cfg.fusion == "sum":
+        return norm(shallow + middle + deep)
+    product = norm(shallow * middle * deep)
+    if cfg.fusion == "product":
+        return product
+    layers = cfg.std_layers or sorted({layer for band in bands.values() for layer in band})
+    similarity = torch.stack([per_frame_maps(stats, stat_key("qk", "mean", layer))
+                              for layer in layers]).mean(dim=0)
+    return (product + 1 - norm(similarity)) / 2
+
+
+def _normalizer(cfg: MapsConfig):
+    percentiles = (cfg.percentiles[0], cfg.percentiles[1])
+    return lambda maps: normalize(maps, cfg.normalize, percentiles)
+
+
+@dataclass
+class DynamicMaps:
+    """Output of the maps stage: cues and fused map ``(T, h, w)``, Easi3R maps per layer."""
+
+    cues: dict[str, Tensor]
+    dynamic: Tensor
+    easi3r: dict[int, dict[str, Tensor]]
+
+    def save(self, path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {name: value.contiguous() for name, value in self.cues.items()}
+        tensors["dynamic"] = self.dynamic.contiguous()
+        for layer, maps in self.easi3r.items():
+            tensors.update({f"{name}.L{layer:02d}": value.contiguous()
+                            for name, value in maps.items()})
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+
+
+class MapsStage:
+    """Gram statistics → ``dynamic_maps.safetensors`` (cheap: sweeps rerun only this onward)."""
+
+    name = "maps"
+    requires = ("gram_stats",)
+    provides = ("maps",)
+    files: tuple[str, ...] = ()
+
+    def check(self, ctx) -> None:
+        """Bands and choices are checked with the config (:func:`vggt4d.config.validate`)."""
+
+    def cache_key(self, ctx) -> None:
+        return None
+
+    def run(self, ctx) -> None:
+        cfg = ctx.cfg
+        stats: dict[str, Tensor] = ctx.artifacts["gram_stats"]
+        bands = band_layers(cfg.bands)
+        cues = vggt4d_cues(stats, bands, cfg.maps)
+        dynamic = fuse(cues, stats, bands, cfg.maps)
+        layers = sorted({int(key.rsplit(".L", 1)[1]) for key in stats
+                         if key.startswith("qk.mean.L")})
+        easi3r = {layer: easi3r_maps(stats, layer, cfg.maps) for layer in layers}
+        maps = DynamicMaps(cues, dynamic, easi3r)
+        maps.save(ctx.out_dir / "dynamic_maps.safetensors")
+        ctx.artifacts["maps"] = maps
+        log.info("maps: cues over bands %s, fusion %s, %d layers of Easi3R maps",
+                 {name: [band[0], band[-1]] for name, band in bands.items()},
+                 cfg.maps.fusion, len(layers))
+
+    def load(self, ctx) -> None:
+        self.run(ctx)
+
+
+
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -81,8 +82,20 @@ def hook_overhead(frames: int = 8, size: int = 280, repeats: int = 5) -> None:
     })
 
 
+def gram_engines() -> None:
+    """Closed-form vs streamed Gram statistics; see :mod:`bench.gram_engines`."""
+    from bench.gram_engines import benchmark
+
+    write_result("gram_engines", benchmark())
+
+
+BENCHMARKS = {"hook": hook_overhead, "gram": gram_engines}
+
+
 def main() -> None:
-    hook_overhead()
+    chosen = sys.argv[1:] or list(BENCHMARKS)
+    for name in chosen:
+        BENCHMARKS[name]()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = ["model=da3-small", "model.weights=random", "process_res=140"]
@@ -55,6 +57,58 @@ def test_synthetic_run_writes_prediction_then_reuses_the_cache(tmp_path):
     assert "reused cached" not in other.stdout
 
 
+def test_full_pipeline_writes_every_output_and_band_sweeps_reuse_the_forward(tmp_path):
+    first = run_cli(tmp_path, *FAST, job="first")
+    assert first.returncode == 0, first.stderr
+    job = tmp_path / "first"
+    for name in ("prediction.npz", "gram_stats.safetensors", "dynamic_maps.safetensors",
+                 "metrics.json", "masks/dynamic_0000.png", "masks/soft_0003.png",
+                 "masks/binarize.json", "overlays/mask_frame000_overlay.png",
+                 "maps/fused_frame000_final_mask.png", "maps/cues_frame002_w_deep.png",
+                 "maps/layer_00_frame001_similarity.png", "contact/frame002_similarity.png",
+                 "videos/maps/fused_final_mask.mp4"):
+        assert (job / name).is_file(), name
+    metrics = json.loads((job / "metrics.json").read_text())
+    assert {"JM", "JR", "FM", "FR", "unsupervised"} <= metrics.keys()
+    with safe_open(job / "gram_stats.safetensors", "pt") as stats:
+        keys = set(stats.keys())
+        assert stats.metadata()["window"] == "all"
+        assert tuple(stats.get_tensor("qk.var.L05").shape) == (4, 8, 10)
+    assert keys == {f"{p}.{s}.L{layer:02d}" for p in ("qq", "kk", "qk") for s in ("mean", "var")
+                    for layer in range(12)}
+
+    # a sweep point that changes bands, fusion and binarisation only: DA3 does not run again
+    swept = run_cli(tmp_path, *FAST, "bands.middle=[2,4]", "maps.fusion=sum",
+                    "masks.binarize=threshold", "viz.videos=false", job="swept")
+    assert swept.returncode == 0, swept.stderr
+    assert "predict: reused cached result" in swept.stdout
+    assert "DA3 blocks" not in swept.stderr
+
+
+def test_kmeans_guided_temporal_and_exact_bands_run_through(tmp_path):
+    result = run_cli(tmp_path, *FAST, "masks.kmeans=true", "masks.kmeans_clusters=8",
+                     "masks.upsample=guided", "masks.guide=rgbd", "masks.temporal_sigma=1",
+                     "masks.binarize=hysteresis", "maps.band_mode=exact",
+                     "maps.normalize=percentile", "pipeline=[masks,eval]")
+    assert result.returncode == 0, result.stderr
+    job = tmp_path / "job"
+    with safe_open(job / "patch_features.safetensors", "pt") as features:
+        assert tuple(features.get_tensor("features").shape) == (4, 8, 10, 384)
+    with safe_open(job / "gram_stats.safetensors", "pt") as stats:
+        assert {"qq.var.band_deep", "kk.mean.band_shallow"} <= set(stats.keys())
+    assert len(list((job / "masks").glob("dynamic_*.png"))) == 4
+    assert not (job / "maps").exists()  # viz was not asked for
+
+
+def test_real_frames_without_ground_truth_get_unsupervised_figures(tmp_path):
+    folder = _images(tmp_path / "clip", 3)
+    result = run_cli(tmp_path, *MODEL, "data=images", f"data.path={folder}", "viz.videos=false")
+    assert result.returncode == 0, result.stderr
+    assert "no ground truth" in result.stdout
+    metrics = json.loads((tmp_path / "job" / "metrics.json").read_text())
+    assert "JM" not in metrics and "area_fraction" in metrics["unsupervised"]
+
+
 def _images(folder: Path, count: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
@@ -71,6 +125,9 @@ def _images(folder: Path, count: int) -> Path:
     ("hub_unreachable", "model.weights=random"),
     ("bad_video", "cannot decode video"),
     ("too_much_memory", "GiB is available"),
+    ("window_longer_than_clip", "without source frames"),
+    ("empty_band", "bands.deep=[5, 3]"),
+    ("eval_gt_missing", "eval.gt_path"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, case, needle):
     overrides = {
@@ -82,6 +139,10 @@ def test_bad_input_is_one_clear_line(tmp_path, case, needle):
         "hub_unreachable": ["model.weights=depth-anything/DA3-SMALL"],
         "bad_video": ["data=video", f"data.path={tmp_path / 'bad.mp4'}"],
         "too_much_memory": ["memory_limit_gb=0.05"],
+        "window_longer_than_clip": ["gram.window=offsets", "gram.offsets=[-6,6]",
+                                    "gram.include_self=false"],
+        "empty_band": ["bands.deep=[5,3]"],
+        "eval_gt_missing": [f"eval.gt_path={tmp_path / 'no_annotations'}"],
     }[case]
     if case == "unreadable_image":
         (tmp_path / "broken" / "001.png").write_bytes(b"garbage")

@@ -159,6 +159,8 @@ class _FrameMoments:
             centred = self.y[s] - self.shift
             moments = (centred.sum(dim=1).double(),
                        (centred.transpose(1, 2) @ centred).double())
+            if not self.cache_frames:
+                return moments
             if len(self.cache) >= self.cache_frames:
                 self.cache.pop(next(iter(self.cache)))
             self.cache[s] = moments
@@ -188,6 +190,36 @@ def _spatial_moments(y: Tensor, frames: Sequence[int]) -> tuple[Tensor, Tensor, 
     return mean[:, 0].double(), cov, averaged.shape[1]
 
 
+def moments_statistics_shared(xs: Sequence[Tensor], y: Tensor,
+                              windows: Sequence[tuple[int, ...]], *, factor: float,
+                              variance: str) -> list[tuple[Tensor, Tensor]]:
+    """:func:`moments_statistics` of several X against one Y: the window moments of Y (the
+    expensive part) are computed once for all of them (QK and KK share K's)."""
+    frames, groups, patches, _dim = y.shape
+    outputs = [(y.new_empty((frames, groups, patches), dtype=torch.float32),
+                y.new_empty((frames, groups, patches), dtype=torch.float32)) for _ in xs]
+    grouped = _group_windows(windows)
+    # frames are shared between windows only when there are several (offset windows)
+    pair_moments = (_FrameMoments(y, cache_frames=16 if len(grouped) > 1 else 0)
+                    if variance == "pairs" else None)
+    for window, refs in grouped.items():
+        if pair_moments is not None:
+            mu, cov, count = pair_moments.window(window)
+        else:
+            mu, cov, count = _spatial_moments(y, window)
+        mu, cov = mu.to(y.dtype), cov.to(y.dtype)
+        correction = factor**2 * count / max(count - 1, 1)
+        for x, (mean_out, var_out) in zip(xs, outputs, strict=True):
+            for batch in range(0, len(refs), REFERENCE_BATCH):
+                batch_refs = refs[batch:batch + REFERENCE_BATCH]
+                xb = x[batch_refs]  # (R, G, P, D)
+                mean_out[batch_refs] = (factor * torch.einsum("rgpd,gd->rgp", xb, mu)).float()
+                unbiased = ((xb @ cov[None]) * xb).sum(-1).clamp_min(0) * correction
+                var_out[batch_refs] = (unbiased if variance == "pairs"
+                                       else unbiased.sqrt()).float()
+    return outputs
+
+
 def moments_statistics(x: Tensor, y: Tensor, windows: Sequence[tuple[int, ...]], *,
                        factor: float, variance: str) -> tuple[Tensor, Tensor]:
     """Closed-form statistics. x, y: (T, G, P, D) → mean, var: (T, G, P) float32.
@@ -195,24 +227,7 @@ def moments_statistics(x: Tensor, y: Tensor, windows: Sequence[tuple[int, ...]],
     mean = c·⟨x, μ_W⟩; ``pairs``: var = c²·xᵀΣ_W x·n/(n−1) over n = |W|·P source vectors;
     ``spatial``: std = c·√(xᵀ Cov_p'(ȳ) x · P/(P−1)) with ȳ averaged over the window frames.
     """
-    frames, groups, patches, _dim = x.shape
-    mean_out = x.new_empty((frames, groups, patches), dtype=torch.float32)
-    var_out = torch.empty_like(mean_out)
-    pair_moments = _FrameMoments(y) if variance == "pairs" else None
-    for window, refs in _group_windows(windows).items():
-        if pair_moments is not None:
-            mu, cov, count = pair_moments.window(window)
-        else:
-            mu, cov, count = _spatial_moments(y, window)
-        mu, cov = mu.to(x.dtype), cov.to(x.dtype)
-        for batch in range(0, len(refs), REFERENCE_BATCH):
-            batch_refs = refs[batch:batch + REFERENCE_BATCH]
-            xs = x[batch_refs]  # (R, G, P, D)
-            mean_out[batch_refs] = (factor * torch.einsum("rgpd,gd->rgp", xs, mu)).float()
-            quad = ((xs @ cov[None]) * xs).sum(-1).clamp_min(0)
-            unbiased = quad * (factor**2 * count / max(count - 1, 1))
-            var_out[batch_refs] = (unbiased if variance == "pairs" else unbiased.sqrt()).float()
-    return mean_out, var_out
+    return moments_statistics_shared([x], y, windows, factor=factor, variance=variance)[0]
 
 
 def _merge(state: tuple[Tensor, Tensor, Tensor], block: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -272,16 +287,25 @@ def dense_statistics(x: Tensor, y: Tensor, windows: Sequence[tuple[int, ...]], *
     return torch.stack(means).float(), torch.stack(variances).float()
 
 
-ENGINE_FUNCTIONS = {"moments": moments_statistics, "chunked": chunked_statistics}
-
-
-def pair_statistics(x: Tensor, y: Tensor, windows: Sequence[tuple[int, ...]], *,
-                    factor: float, spec: GramSpec) -> tuple[Tensor, Tensor]:
-    """The configured engine on grouped vectors (T, G, P, D) → mean, var (T, G, P)."""
-    if spec.engine == "chunked":
-        return chunked_statistics(x, y, windows, factor=factor, variance=spec.variance,
-                                  chunk_size=spec.chunk_size)
-    return moments_statistics(x, y, windows, factor=factor, variance=spec.variance)
+def layer_statistics(q: Tensor, k: Tensor, windows: Sequence[tuple[int, ...]], *,
+                     factor: float, spec: GramSpec) -> dict[str, tuple[Tensor, Tensor]]:
+    """Mean and var (T, G, P) of each configured pair from patch Q, K (T, H, P, d)."""
+    vectors = {"q": group_heads(q, spec.heads), "k": group_heads(k, spec.heads)}
+    results = {}
+    for source in "qk":
+        pairs = [pair for pair in spec.pairs if pair[1] == source]
+        if not pairs:
+            continue
+        xs = [vectors[pair[0]] for pair in pairs]
+        if spec.engine == "chunked":
+            stats = [chunked_statistics(x, vectors[source], windows, factor=factor,
+                                        variance=spec.variance, chunk_size=spec.chunk_size)
+                     for x in xs]
+        else:
+            stats = moments_statistics_shared(xs, vectors[source], windows, factor=factor,
+                                              variance=spec.variance)
+        results.update(zip(pairs, stats, strict=True))
+    return results
 
 
 def stat_key(pair: str, stat: str, layer: int) -> str:
@@ -342,32 +366,33 @@ class GramCollector:
         return q[:, :, start:], k[:, :, start:]
 
     def _store(self, q: Tensor, k: Tensor, windows, factor: float, key) -> None:
-        vectors = {"q": group_heads(q, self.spec.heads), "k": group_heads(k, self.spec.heads)}
-        for pair in self.spec.pairs:
-            mean, var = pair_statistics(vectors[pair[0]], vectors[pair[1]], windows,
-                                        factor=factor, spec=self.spec)
+        for pair, (mean, var) in layer_statistics(q, k, windows, factor=factor,
+                                                  spec=self.spec).items():
             self.maps[key(pair, "mean")] = _as_maps(mean, self.grid, self.spec.heads)
             self.maps[key(pair, "var")] = _as_maps(var, self.grid, self.spec.heads)
 
+    def _band_done(self, name: str) -> bool:
+        return band_key(self.spec.pairs[0], "mean", name) in self.maps
+
     def _finish_bands(self, num_frames: int) -> None:
+        """Compute every band whose layers have all run, then drop buffers no band still needs.
+
+        Band similarities average over layers and heads: the layers' Q/K are concatenated per
+        head, so ⟨x, y⟩ sums over layers and the factor divides by their number.
+        """
         for name, band in self.exact_bands.items():
-            if band_key(self.spec.pairs[0], "mean", name) in self.maps:
-                continue
-            if not all(layer in self._band_buffers for layer in band):
+            if self._band_done(name) or not all(i in self._band_buffers for i in band):
                 continue
             parts = [self._band_buffers[layer] for layer in band]
-            q = torch.cat([p[0] for p in parts], dim=-1)
-            k = torch.cat([p[1] for p in parts], dim=-1)
-            windows = source_windows(num_frames, self.spec, all(p[2] for p in parts))
+            q = torch.cat([part[0] for part in parts], dim=-1)
+            k = torch.cat([part[1] for part in parts], dim=-1)
+            windows = source_windows(num_frames, self.spec, all(part[2] for part in parts))
             factor = similarity_factor(q.shape[1], parts[0][0].shape[-1], self.spec, len(band))
             self._store(q, k, windows, factor, lambda pair, stat, n=name: band_key(pair, stat, n))
-        done = {layer for name, band in self.exact_bands.items()
-                if band_key(self.spec.pairs[0], "mean", name) in self.maps for layer in band}
         pending = {layer for name, band in self.exact_bands.items()
-                   if band_key(self.spec.pairs[0], "mean", name) not in self.maps
-                   for layer in band}
-        for layer in done - pending:
-            self._band_buffers.pop(layer, None)
+                   if not self._band_done(name) for layer in band}
+        for layer in set(self._band_buffers) - pending:
+            del self._band_buffers[layer]
 
 
 def spec_from_config(cfg) -> GramSpec:
@@ -423,9 +448,13 @@ class GramStage:
             atomic_write(out_dir / self.output,
                          lambda tmp: save_file(tensors, str(tmp), metadata=info))
 
+        def check_frames(num_frames: int) -> None:
+            for is_global in (False, True):
+                source_windows(num_frames, spec, is_global)
+
         return ForwardTap(key={"gram": metadata, "layers": sorted(layers)},
                           files=(self.output,), save=save, on_qk=collector,
-                          qk_layers=frozenset(needed))
+                          qk_layers=frozenset(needed), check_frames=check_frames)
 
     def cache_key(self, ctx) -> None:
         return None

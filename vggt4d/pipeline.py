@@ -47,6 +47,8 @@ class ForwardTap:
     qk_layers: frozenset[int] = frozenset()
     on_tokens: TokenConsumer | None = None
     token_layers: frozenset[int] = frozenset()
+    check_frames: Callable[[int], None] | None = None
+    """Called with the clip's frame count before the model is loaded (raise UserError)."""
 
 
 class Stage(Protocol):

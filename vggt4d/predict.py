@@ -181,6 +181,9 @@ class PredictStage:
     def run(self, ctx) -> None:
         model = ctx.cfg.model
         frames: np.ndarray = ctx.artifacts["processed_frames"]
+        for tap in self.taps:
+            if tap.check_frames is not None:
+                tap.check_frames(len(frames))
         estimate = estimate_forward_memory(
             num_params=parameter_count(self.empty_net), frames=len(frames),
             height=frames.shape[1], width=frames.shape[2],

@@ -30,7 +30,7 @@ GIANT_BANDS = {"shallow": (1, 5), "middle": (6, 15), "deep": (18, 21)}
 
 GIANT_DEPTH = 40
 
-KNOWN_STAGES = ("predict", "gram", "maps", "masks", "viz", "eval")
+KNOWN_STAGES = ("predict", "gram", "maps", "masks", "viz", "eval", "log")
 """Stages the runner knows, in pipeline order."""
 
 
@@ -182,6 +182,17 @@ class EvalConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """Experiment tracking (``logger=wandb`` | ``logger=none``, see :mod:`vggt4d.tracking`)."""
+
+    kind: str = "wandb"
+    mode: str = "offline"
+    project: str = "vggt4d"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
 class RunConfig:
     """Top level of ``conf/config.yaml``."""
 
@@ -193,6 +204,10 @@ class RunConfig:
     masks: MasksConfig = field(default_factory=MasksConfig)
     viz: VizConfig = field(default_factory=VizConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    layer_depth: int | None = None
+    """Depth the layer numbers in bands, gram/maps/viz layers are written for (presets use the
+    40-block giant's); null = the model's own. Other depths are mapped by :func:`scale_band`."""
     process_res: int = 504
     device: str = "auto"
     dtype: str = "auto"
@@ -215,6 +230,7 @@ def register_configs() -> None:
     store.store(group="data", name="images_schema", node=ImagesData)
     store.store(group="data", name="video_schema", node=VideoData)
     store.store(group="data", name="synthetic_schema", node=SyntheticData)
+    store.store(group="logger", name="logger_schema", node=LoggerConfig)
 
 
 register_configs()
@@ -286,6 +302,32 @@ def _check_stages(run: RunConfig) -> None:
                         f"frame's longer side: use 0 <= r < 1 (the user's scripts: 0.01-0.02)")
     if run.viz.fps <= 0:
         raise UserError(f"viz.fps={run.viz.fps} must be > 0")
+    _check_choice("logger.kind", run.logger.kind, ("wandb", "none"))
+    _check_choice("logger.mode", run.logger.mode, ("offline", "online", "disabled"))
+
+
+def scale_layer(layer: int, depth: int, num_blocks: int) -> int:
+    """A single block of a ``depth``-block network at the same fraction of a ``num_blocks`` one."""
+    return min(num_blocks - 1, math.floor(layer * num_blocks / depth))
+
+
+def map_layers_to_model(run: RunConfig) -> None:
+    """Rewrite layer numbers given for ``layer_depth`` blocks to the model's depth (in place)."""
+    depth, blocks = run.layer_depth, run.model.num_blocks
+    if depth is None or depth == blocks:
+        return
+    if depth < 1:
+        raise UserError(f"layer_depth={depth} must be a positive number of blocks (or null)")
+    for name in ("shallow", "middle", "deep"):
+        band = getattr(run.bands, name)
+        scaled = scale_band((band[0], band[1]), blocks) if depth == GIANT_DEPTH else (
+            scale_layer(band[0], depth, blocks), scale_layer(band[1], depth, blocks))
+        setattr(run.bands, name, list(scaled))
+    for section, key in (("gram", "layers"), ("maps", "std_layers"), ("viz", "layers")):
+        owner = getattr(run, section)
+        setattr(owner, key, sorted({scale_layer(i, depth, blocks) for i in getattr(owner, key)}))
+    log.info("layer numbers written for %d blocks mapped to %s's %d: bands %s", depth,
+             run.model.name, blocks, [run.bands.shallow, run.bands.middle, run.bands.deep])
 
 
 def _check_model(model: ModelConfig) -> None:
@@ -328,6 +370,7 @@ def validate(cfg: DictConfig) -> RunConfig:
         raise UserError(f"{key} is required: set it on the command line, e.g. {key}=...") from None
     _check_model(run.model)
     _check_data(run.data)
+    map_layers_to_model(run)
     _check_stages(run)
     run.process_res = round_process_res(run.process_res)
     if run.dtype not in DTYPES:

@@ -20,6 +20,14 @@ from vggt4d.hook import QKConsumer, TokenConsumer
 log = logging.getLogger("vggt4d")
 
 
+@dataclass(frozen=True)
+class JobInfo:
+    """How Hydra launched this job: run name from the overrides, group = sweep id (multirun)."""
+
+    name: str = "default"
+    group: str | None = None
+
+
 @dataclass
 class Context:
     """What stages share during one job: config, output directory, cache and artifacts."""
@@ -29,6 +37,7 @@ class Context:
     cache: Cache
     artifacts: dict[str, Any] = field(default_factory=dict)
     stages: list[Stage] = field(default_factory=list)
+    job: JobInfo = field(default_factory=JobInfo)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from vggt4d.cache import Cache
@@ -24,15 +25,16 @@ from vggt4d.gram import GramStage
 from vggt4d.maps import MapsStage
 from vggt4d.masks import MasksStage
 from vggt4d.pictures import PicturesStage
-from vggt4d.pipeline import Context, execute, resolve
+from vggt4d.pipeline import Context, JobInfo, execute, resolve
 from vggt4d.predict import PredictStage
+from vggt4d.tracking import TrackingStage
 
 log = logging.getLogger("vggt4d")
 
 STAGES: dict[str, type] = {
     stage.name: stage
     for stage in (FramesStage, PredictStage, GramStage, MapsStage, MasksStage, PicturesStage,
-                  EvalStage)
+                  EvalStage, TrackingStage)
 }
 """Every stage the runner can compose, by the name used in ``pipeline``."""
 
@@ -46,19 +48,29 @@ def remove_if_no_results(out_dir: Path) -> None:
     shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def run_job(cfg: DictConfig, out_dir: Path) -> Context:
+def run_job(cfg: DictConfig, out_dir: Path, job: JobInfo | None = None) -> Context:
     """Validate ``cfg`` and run its pipeline into ``out_dir``."""
     run = validate(cfg)
-    ctx = Context(run, out_dir, Cache(Path(run.cache_dir).expanduser().absolute()))
+    cache = Cache(Path(run.cache_dir).expanduser().absolute())
+    ctx = Context(run, out_dir, cache, job=job or JobInfo())
     execute(resolve(run.pipeline, STAGES), ctx)
     return ctx
+
+
+def hydra_job() -> JobInfo:
+    """Run name from the overrides; in a multirun, the sweep directory names the group."""
+    hydra_cfg = HydraConfig.get()
+    group = None
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        group = Path(hydra_cfg.sweep.dir).as_posix().replace("/", "_").strip("_.")
+    return JobInfo(name=hydra_cfg.job.override_dirname or "default", group=group)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        run_job(cfg, out_dir)
+        run_job(cfg, out_dir, hydra_job())
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         remove_if_no_results(out_dir)

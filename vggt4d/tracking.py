@@ -1,0 +1,147 @@
+"""Weights & Biases logging of one job (the ``log`` stage; ``logger=wandb``, offline by default).
+
+One W&B run per job: the resolved config, job type = model, tags (model, window, bands), the
+sweep id as group in a multirun and the overrides as run name. Keys are grouped for the
+dashboard; one history step per frame, so W&B's step slider scrubs through the clip:
+- ``maps/{w_shallow,w_middle,w_deep,dynamic}``: colour-mapped cue and fused maps (uint8 RGB:
+  wandb ≥ 0.30 renders raw float maps black);
+- ``masks/overlay`` (the frame with the mask — and the ground truth when known — as W&B mask
+  layers with class labels static / dynamic), ``masks/soft``;
+- ``metrics/{J,F,area_fraction}`` per frame; ``metrics/{JM,JR,FM,FR,...}`` in the summary with a
+  per-frame table ``metrics/per_frame``;
+- ``maps/contact/<statistic>`` contact sheets and ``videos/<series>`` from the pictures stage.
+Logging never fails a job: a W&B error is reported once as a warning, the run is finished, and
+the files on disk are complete either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+
+from vggt4d.maps import CUES
+from vggt4d.postprocess import upsample_bilinear
+from vggt4d.viz import colorize
+
+log = logging.getLogger(__name__)
+
+CLASS_LABELS = {0: "static", 1: "dynamic"}
+
+
+def run_tags(cfg) -> list[str]:
+    """Model, window and bands as tags, plus the user's own."""
+    bands = "-".join(f"{band[0]}..{band[1]}"
+                     for band in (cfg.bands.shallow, cfg.bands.middle, cfg.bands.deep))
+    return [cfg.model.name, f"window={cfg.gram.window}", f"bands={bands}", *cfg.logger.tags]
+
+
+def frame_records(ctx) -> list[dict]:
+    """One dict of W&B values per frame (images built lazily by the caller's ``wandb``)."""
+    import wandb
+
+    maps, masks = ctx.artifacts["maps"], ctx.artifacts["masks"]
+    prediction, metrics = ctx.artifacts["prediction"], ctx.artifacts["metrics"]
+    clip = ctx.artifacts.get("clip")
+    frames = prediction.frames
+    size = frames.shape[1:3]
+    upsampled = {name: upsample_bilinear(maps.cues[name].numpy(), size) for name in CUES}
+    upsampled["dynamic"] = upsample_bilinear(maps.dynamic.numpy(), size)
+    truth = None
+    if clip is not None and clip.ground_truth is not None:
+        from vggt4d.evaluate import _resize_nearest
+
+        truth = _resize_nearest(clip.ground_truth.dynamic_masks, *size)
+    per_frame = metrics.get("per_frame", {})
+    area = metrics["unsupervised"]["area_fraction_per_frame"]
+    records = []
+    for t, frame in enumerate(frames):
+        layers = {"dynamic": {"mask_data": masks.binary[t].astype(np.uint8),
+                              "class_labels": CLASS_LABELS}}
+        if truth is not None:
+            layers["ground_truth"] = {"mask_data": truth[t].astype(np.uint8),
+                                      "class_labels": CLASS_LABELS}
+        record = {f"maps/{name}": wandb.Image(colorize(values[t], ctx.cfg.viz.cmap))
+                  for name, values in upsampled.items()}
+        record["masks/overlay"] = wandb.Image(frame, masks=layers)
+        record["masks/soft"] = wandb.Image(colorize(masks.soft[t], ctx.cfg.viz.cmap))
+        record["metrics/area_fraction"] = area[t]
+        for key in ("J", "F"):
+            if key in per_frame:
+                record[f"metrics/{key}"] = per_frame[key][t]
+        records.append(record)
+    return records
+
+
+def summary(ctx) -> dict:
+    """Scalar metrics, the per-frame table, contact sheets and videos already on disk."""
+    import wandb
+
+    metrics = ctx.artifacts["metrics"]
+    values = {f"metrics/{key}": metrics[key] for key in ("JM", "JR", "FM", "FR") if key in metrics}
+    values.update({f"metrics/{key}": value for key, value in metrics["unsupervised"].items()
+                   if not isinstance(value, list)})
+    per_frame = metrics.get("per_frame", {})
+    area = metrics["unsupervised"]["area_fraction_per_frame"]
+    columns = ["frame", "area_fraction", *per_frame]
+    rows = [[t, area[t], *(per_frame[key][t] for key in per_frame)] for t in range(len(area))]
+    values["metrics/per_frame"] = wandb.Table(columns=columns, data=rows)
+    for sheet in sorted((ctx.out_dir / "contact").glob("*.png")):
+        values[f"maps/contact/{sheet.stem}"] = wandb.Image(str(sheet))
+    for video in sorted((ctx.out_dir / "videos").rglob("*.mp4")):
+        series = video.relative_to(ctx.out_dir / "videos").with_suffix("").as_posix()
+        values[f"videos/{series}"] = wandb.Video(str(video), format="mp4")
+    return values
+
+
+def log_job(ctx) -> None:
+    """Create, fill and finish this job's W&B run."""
+    import wandb
+
+    cfg = ctx.cfg
+    run = wandb.init(
+        project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode,
+        dir=str(ctx.out_dir), group=ctx.job.group, job_type=cfg.model.name,
+        name=ctx.job.name, tags=run_tags(cfg), config=dataclasses.asdict(cfg),
+        reinit="finish_previous", settings=wandb.Settings(silent=True),
+    )
+    try:
+        records = frame_records(ctx)
+        for t, record in enumerate(records):
+            run.log(record, step=t)
+        final = summary(ctx)
+        run.log(final, step=len(records))
+        run.summary.update({key: value for key, value in final.items()
+                            if isinstance(value, float | int)})
+    finally:
+        run.finish()
+
+
+class TrackingStage:
+    """Logs the job to W&B (``logger.kind=wandb``) after everything else; never fails the job."""
+
+    name = "log"
+    requires = ("maps", "masks", "metrics", "prediction")
+    provides: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
+
+    def check(self, ctx) -> None:
+        """The logger's settings are checked with the config."""
+
+    def cache_key(self, ctx) -> None:
+        return None
+
+    def run(self, ctx) -> None:
+        if ctx.cfg.logger.kind == "none":
+            return
+        try:
+            log_job(ctx)
+        except Exception as err:  # W&B must never cost the user the job's results
+            log.warning("W&B logging failed (%s: %s); the files on disk are complete",
+                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            return
+        log.info("log: W&B run written (%s) under %s", ctx.cfg.logger.mode, ctx.out_dir / "wandb")
+
+    def load(self, ctx) -> None:
+        self.run(ctx)

@@ -504,3 +504,30 @@ def test_morphology_small_size_and_errors():
     assert copy is not masks
     with pytest.raises(UserError, match="open, close, dilate, erode"):
         morphology(masks, "thin", 3)
+
+
+def test_grey_morphology_matches_opencv_on_float_maps():
+    import cv2
+
+    from vggt4d.postprocess import morphology
+
+    rng = np.random.default_rng(3)
+    maps = rng.random((2, 20, 24)).astype(np.float32)
+    kernel = np.ones((3, 3), np.uint8)
+    for op, cv_op in (("open", cv2.MORPH_OPEN), ("close", cv2.MORPH_CLOSE)):
+        got = morphology(maps, op, 3)
+        assert got.dtype == np.float32
+        for t in range(2):
+            expected = cv2.morphologyEx(maps[t], cv_op, kernel)
+            np.testing.assert_allclose(got[t], expected, atol=1e-6)
+
+
+def test_mean_above_thresholds_each_frame_at_the_mean_of_its_strong_values():
+    from vggt4d.postprocess import binarize
+
+    maps = np.zeros((2, 4, 4), np.float32)
+    maps[0, 0, :3] = [0.2, 0.5, 1.0]  # values above 0.1: mean 0.567 -> only 1.0 is kept
+    masks, info = binarize(maps, "mean_above", threshold=0.1)
+    assert masks[0].sum() == 1 and masks[0, 0, 2]
+    assert not masks[1].any() and info["thresholds"][1] is None
+    assert info["thresholds"][0] == pytest.approx(1.7 / 3)

@@ -132,12 +132,20 @@ class MapsConfig:
     """Easi3R maps and VGGT4D cues (see :mod:`vggt4d.maps`)."""
 
     band_mode: str = "mean_of_layers"
+    global_only: bool = False
+    """Keep only the global (cross-frame) blocks of each band, as VGGT4D uses VGGT's."""
     normalize: str = "minmax"
     percentiles: list[float] = field(default_factory=lambda: [5.0, 95.0])
+    normalize_scope: str = "frame"
+    """``frame`` (each frame on its own, VGGT4D) or ``sequence`` (all frames together)."""
     shallow_form: str = "official"
+    deep_form: str = "official"
+    """``official`` S·(1 − V) or ``inverted`` 1 − (1 − V)·S (the user's first full script)."""
     fusion: str = "product"
+    mix_inv_similarity: bool = False
+    """Average the fused map with 1 − S^QK over ``std_layers`` (the user's fused scripts)."""
     std_layers: list[int] = field(default_factory=list)
-    """Layers of the 1 − S^QK map in ``mean_with_inv_similarity``; empty = all band layers."""
+    """Layers of the 1 − S^QK map; empty = all band layers."""
 
 
 @dataclass
@@ -146,16 +154,27 @@ class MasksConfig:
 
     kmeans: bool = False
     kmeans_clusters: int = 64
+    temporal_sigma: float = 0.0
+    """Gaussian over frames (in frames) of the patch-level map."""
+    spatial_sigma: float = 0.0
+    """Gaussian over patches of the patch-level map (3×3 taps for σ 0.5)."""
     upsample: str = "bilinear"
     guide: str = "rgb"
     guided_radius: float = 0.02
     """Guided-filter box radius as a fraction of the frame's longer side."""
     guided_eps: float = 1e-4
-    temporal_sigma: float = 0.0
+    morph_before: list[str] = field(default_factory=list)
+    """Grey morphology on the soft map before the guided filter, e.g. ``["open:3"]``."""
+    morph_after: list[str] = field(default_factory=list)
+    """Grey morphology on the soft map after the guided filter, e.g. ``["close:7"]``."""
     binarize: str = "multi_otsu"
     threshold: float = 0.5
     low: float = 0.3
     high: float = 0.6
+    empty_below_mean: float = 0.0
+    """Frames whose soft map averages below this get an empty mask."""
+    empty_below_max: float = 0.0
+    """Frames whose soft map never reaches this get an empty mask."""
 
 
 @dataclass
@@ -165,6 +184,10 @@ class VizConfig:
     layers: list[int] = field(default_factory=list)
     """Layers whose per-frame map PNGs are written; empty = the first block of each band."""
     cmap: str = "jet"
+    power: float = 1.0
+    """Map values are raised to this power before colouring (the user's heatmaps: 1.5)."""
+    blur: float = 0.0
+    """Gaussian blur of the upsampled maps, σ as a fraction of the frame width (user: 0.02)."""
     videos: bool = True
     fps: float = 10.0
     sheet_frames: list[int] = field(default_factory=list)
@@ -258,11 +281,25 @@ def check_bands(bands: BandsConfig, num_blocks: int, prefix: str = "bands") -> N
             )
 
 
-def band_layers(bands: BandsConfig) -> dict[str, tuple[int, ...]]:
-    """Band name → the blocks it spans."""
-    return {name: tuple(range(band[0], band[1] + 1))
-            for name in ("shallow", "middle", "deep")
-            for band in [list(getattr(bands, name))]}
+def band_layers(bands: BandsConfig,
+                global_blocks: list[int] | None = None) -> dict[str, tuple[int, ...]]:
+    """Band name → the blocks it spans; with ``global_blocks``, only those (a band holding none
+    takes the first global block after its start, or the last one)."""
+    layers = {}
+    for name in ("shallow", "middle", "deep"):
+        first, last = getattr(bands, name)
+        span = tuple(range(first, last + 1))
+        if global_blocks:
+            chosen = tuple(i for i in span if i in global_blocks)
+            later = [i for i in global_blocks if i >= first] or [max(global_blocks)]
+            span = chosen or (later[0],)
+        layers[name] = span
+    return layers
+
+
+def cue_bands(run: RunConfig) -> dict[str, tuple[int, ...]]:
+    """The blocks of each cue band as configured (``maps.global_only`` applied)."""
+    return band_layers(run.bands, run.model.global_blocks if run.maps.global_only else None)
 
 
 def _check_layers(name: str, layers: list[int], num_blocks: int) -> None:
@@ -287,7 +324,9 @@ def _check_stages(run: RunConfig) -> None:
     _check_choice("maps.band_mode", run.maps.band_mode, ("mean_of_layers", "exact"))
     _check_choice("maps.normalize", run.maps.normalize, ("minmax", "percentile"))
     _check_choice("maps.shallow_form", run.maps.shallow_form, ("official", "notes"))
-    _check_choice("maps.fusion", run.maps.fusion, ("product", "sum", "mean_with_inv_similarity"))
+    _check_choice("maps.fusion", run.maps.fusion, ("product", "sum"))
+    _check_choice("maps.normalize_scope", run.maps.normalize_scope, ("frame", "sequence"))
+    _check_choice("maps.deep_form", run.maps.deep_form, ("official", "inverted"))
     _check_choice("masks.upsample", run.masks.upsample, ("bilinear", "guided"))
     low, high = run.maps.percentiles if len(run.maps.percentiles) == 2 else (1, 0)
     if not 0 <= low < high <= 100:
@@ -295,6 +334,12 @@ def _check_stages(run: RunConfig) -> None:
                         f"with 0 <= low < high <= 100")
     if run.maps.band_mode == "exact" and run.gram.engine == "chunked":
         log.info("maps.band_mode=exact computes band statistics with gram.engine=chunked")
+    for key in ("morph_before", "morph_after"):
+        for step in getattr(run.masks, key):
+            op, _, size = step.partition(":")
+            if op not in ("open", "close", "dilate", "erode") or not size.isdigit():
+                raise UserError(f"masks.{key} entry '{step}' must be op:size with op in open, "
+                                f"close, dilate, erode (e.g. close:7)")
     if run.masks.kmeans_clusters < 1:
         raise UserError(f"masks.kmeans_clusters={run.masks.kmeans_clusters} must be >= 1")
     if not 0 <= run.masks.guided_radius < 1:

@@ -422,13 +422,13 @@ class GramStage:
         spec_from_config(ctx.cfg.gram)
 
     def forward_tap(self, ctx):
-        from vggt4d.config import band_layers
+        from vggt4d.config import cue_bands
         from vggt4d.pipeline import ForwardTap
 
         cfg = ctx.cfg
         spec = spec_from_config(cfg.gram)
         layers = frozenset(cfg.gram.layers or range(cfg.model.num_blocks))
-        exact = band_layers(cfg.bands) if cfg.maps.band_mode == "exact" else {}
+        exact = cue_bands(cfg) if cfg.maps.band_mode == "exact" else {}
         patch_start = cfg.model.patch_start_idx if cfg.gram.special_tokens == "model" else None
         collector = GramCollector(spec, layers, patch_start, exact)
         needed = layers | {layer for band in exact.values() for layer in band}

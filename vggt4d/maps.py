@@ -12,6 +12,8 @@ user's notes' form 1 − N(S^KK)·N(V^QK) as ``shallow_form=notes``), w_middle =
 w_deep = N(S^QQ)·(1 − N(V^QQ)); fused Dyn = N(w_shallow·w_middle·w_deep).
 A band's statistic is the mean of its layers' statistics (``mean_of_layers``) or the statistic of
 the layer-averaged similarities (``exact``, the official order, computed in the forward).
+Options for the user's scripts: ``normalize_scope=sequence`` (one normalisation for the whole
+clip), ``deep_form=inverted`` (w_deep = 1 − N(S^QQ)·(1 − N(V^QQ))), ``fusion=sum``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vggt4d.config import MapsConfig, band_layers
+from vggt4d.config import MapsConfig, cue_bands
 from vggt4d.gram import band_key, stat_key
 from vggt4d.io import atomic_write
 
@@ -34,9 +36,11 @@ CUES = ("w_shallow", "w_middle", "w_deep")
 
 
 def normalize(maps: Tensor, method: str = "minmax",
-              percentiles: tuple[float, float] = (5.0, 95.0)) -> Tensor:
-    """Per-frame normalisation of ``(T, h, w)`` maps to [0, 1] (constant frames → 0)."""
-    flat = maps.reshape(maps.shape[0], -1).double()
+              percentiles: tuple[float, float] = (5.0, 95.0), scope: str = "frame") -> Tensor:
+    """Normalisation of ``(T, h, w)`` maps to [0, 1] per frame (or over the whole ``sequence``);
+    constant frames → 0."""
+    rows = maps.shape[0] if scope == "frame" else 1
+    flat = maps.reshape(rows, -1).double()
     if method == "percentile":
         bounds = torch.tensor([percentiles[0] / 100, percentiles[1] / 100], dtype=flat.dtype)
         low, high = torch.quantile(flat, bounds, dim=1, keepdim=True)
@@ -82,31 +86,30 @@ def vggt4d_cues(stats: dict[str, Tensor], bands: dict[str, tuple[int, ...]],
     s_kk, v_qk = band("kk", "mean", "shallow"), band("qk", "var", "shallow")
     shallow = 1 - s_kk * v_qk if cfg.shallow_form == "notes" else (1 - s_kk) * v_qk
     middle = 1 - band("qq", "mean", "middle")
-    deep = band("qq", "mean", "deep") * (1 - band("qq", "var", "deep"))
+    stable_similar = band("qq", "mean", "deep") * (1 - band("qq", "var", "deep"))
+    deep = 1 - stable_similar if cfg.deep_form == "inverted" else stable_similar
     return {"w_shallow": shallow, "w_middle": middle, "w_deep": deep}
 
 
 def fuse(cues: dict[str, Tensor], stats: dict[str, Tensor], bands: dict[str, tuple[int, ...]],
          cfg: MapsConfig) -> Tensor:
-    """The dynamic map, normalised: ``product`` (VGGT4D), ``sum`` (the user's robust script), or
-    ``mean_with_inv_similarity`` = (N(product) + 1 − N(mean over layers of S^QK)) / 2 (the
-    user's fused/refined scripts)."""
+    """The dynamic map: N(w_shallow·w_middle·w_deep) (``product``, VGGT4D) or N(sum) (the user's
+    robust script); with ``mix_inv_similarity`` averaged with 1 − N(mean over ``std_layers`` of
+    S^QK) (the user's fused / refined scripts)."""
     norm = _normalizer(cfg)
     shallow, middle, deep = (cues[name] for name in CUES)
-    if cfg.fusion == "sum":
-        return norm(shallow + middle + deep)
-    product = norm(shallow * middle * deep)
-    if cfg.fusion == "product":
-        return product
+    fused = norm(shallow + middle + deep if cfg.fusion == "sum" else shallow * middle * deep)
+    if not cfg.mix_inv_similarity:
+        return fused
     layers = cfg.std_layers or sorted({layer for band in bands.values() for layer in band})
     similarity = torch.stack([per_frame_maps(stats, stat_key("qk", "mean", layer))
                               for layer in layers]).mean(dim=0)
-    return (product + 1 - norm(similarity)) / 2
+    return (fused + 1 - norm(similarity)) / 2
 
 
 def _normalizer(cfg: MapsConfig):
     percentiles = (cfg.percentiles[0], cfg.percentiles[1])
-    return lambda maps: normalize(maps, cfg.normalize, percentiles)
+    return lambda maps: normalize(maps, cfg.normalize, percentiles, cfg.normalize_scope)
 
 
 @dataclass
@@ -145,7 +148,7 @@ class MapsStage:
     def run(self, ctx) -> None:
         cfg = ctx.cfg
         stats: dict[str, Tensor] = ctx.artifacts["gram_stats"]
-        bands = band_layers(cfg.bands)
+        bands = cue_bands(cfg)
         cues = vggt4d_cues(stats, bands, cfg.maps)
         dynamic = fuse(cues, stats, bands, cfg.maps)
         layers = sorted({int(key.rsplit(".L", 1)[1]) for key in stats

@@ -1,9 +1,11 @@
 """The masks stage: fused dynamic map (patch grid) → soft map and binary masks per frame.
 
 Steps, each from config (``masks``): optional k-means cluster smoothing over the last block's
-patch features (VGGT4D), upsampling to the processed frame (bilinear, or a guided filter with the
-grey / RGB / RGB-D frame as guide), optional temporal Gaussian smoothing, then binarisation
-(adaptive multi-Otsu per sequence as VGGT4D, Otsu per frame, a fixed threshold, or hysteresis).
+patch features (VGGT4D), temporal / spatial Gaussian smoothing of the patch map, upsampling to
+the processed frame (bilinear, or a guided filter with the grey / RGB / RGB-D frame as guide)
+with optional grey morphology before and after it, then binarisation (adaptive multi-Otsu per
+sequence as VGGT4D, Otsu per frame, a fixed threshold, hysteresis, or the mean of the strong
+values) and the user's guards that empty frames with a weak map.
 Masks are at the processing resolution, like ``prediction.npz``.
 """
 
@@ -40,19 +42,45 @@ def write_mask_png(path, mask: np.ndarray) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
+SPATIAL_TRUNCATE = 2.0
+"""Patch-level spatial Gaussian reaches 2σ: 3×3 taps at σ = 0.5 (the user's v4 script)."""
+
+
+def grey_morphology(soft: np.ndarray, steps: list[str]) -> np.ndarray:
+    """Apply ``op:size`` steps (e.g. ``close:7``) of grey-scale morphology to (T, H, W) maps."""
+    for step in steps:
+        op, _, size = step.partition(":")
+        soft = postprocess.morphology(soft, op, int(size))
+    return soft
+
+
 def soft_masks(dynamic: np.ndarray, frames: np.ndarray, depth: np.ndarray, cfg,
                features: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
-    """Patch-level map (T, h, w) → frame-level soft map (T, H, W) following ``cfg`` (masks)."""
+    """Patch-level map (T, h, w) → frame-level soft map (T, H, W) following ``cfg`` (masks):
+    k-means smoothing, temporal and spatial Gaussians (patch level, before upsampling, where
+    they commute with the bilinear step), upsampling, grey morphology around the guided filter.
+    """
     if cfg.kmeans and features is not None:
         dynamic = postprocess.kmeans_smooth(dynamic, features, cfg.kmeans_clusters, seed)
-    soft = postprocess.upsample_bilinear(dynamic, frames.shape[1:3])
+    if cfg.temporal_sigma > 0:
+        dynamic = postprocess.temporal_gaussian(dynamic, cfg.temporal_sigma)
+    if cfg.spatial_sigma > 0:
+        dynamic = postprocess.spatial_gaussian(dynamic, cfg.spatial_sigma, SPATIAL_TRUNCATE)
+    soft = grey_morphology(postprocess.upsample_bilinear(dynamic, frames.shape[1:3]),
+                           cfg.morph_before)
     if cfg.upsample == "guided":
         radius = max(1, round(cfg.guided_radius * max(frames.shape[1:3])))
         guide = postprocess.guide_from_frames(frames, depth, cfg.guide)
         soft = postprocess.guided_filter(guide, soft, radius, cfg.guided_eps)
-    if cfg.temporal_sigma > 0:
-        soft = postprocess.temporal_gaussian(soft, cfg.temporal_sigma)
-    return soft.astype(np.float32)
+    return grey_morphology(soft, cfg.morph_after).astype(np.float32)
+
+
+def empty_weak_frames(binary: np.ndarray, soft: np.ndarray, cfg) -> list[int]:
+    """Clear (in place) the masks of frames whose soft map is weak; returns their indices."""
+    flat = soft.reshape(len(soft), -1)
+    weak = (flat.mean(axis=1) < cfg.empty_below_mean) | (flat.max(axis=1) < cfg.empty_below_max)
+    binary[weak] = False
+    return np.flatnonzero(weak).tolist()
 
 
 class MasksStage:
@@ -108,6 +136,7 @@ class MasksStage:
                           ctx.cfg.seed)
         binary, thresholds = postprocess.binarize(soft, cfg.binarize, threshold=cfg.threshold,
                                                   low=cfg.low, high=cfg.high)
+        thresholds["emptied_frames"] = empty_weak_frames(binary, soft, cfg)
         folder = ctx.out_dir / "masks"
         for t in range(len(binary)):
             write_mask_png(folder / f"dynamic_{t:04d}.png", binary[t])

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from vggt4d.config import band_layers
 from vggt4d.gram import PAIRS, STATS, stat_key
 from vggt4d.maps import CUES, EASI3R_MAPS, normalize, per_frame_maps
-from vggt4d.postprocess import upsample_bilinear
+from vggt4d.postprocess import spatial_gaussian, upsample_bilinear
 from vggt4d.videos import make_all_videos
 from vggt4d.viz import colorize, contact_sheet, overlay_mask, write_png
 
@@ -39,12 +39,19 @@ def sheet_frames(frames: list[int], num_frames: int) -> list[int]:
     return sorted(set(chosen))
 
 
+def heatmaps(maps: Tensor, size: tuple[int, int], power: float = 1.0,
+             blur: float = 0.0) -> np.ndarray:
+    """(T, h, w) maps in [0, 1] → (T, H, W) for display: raised to ``power``, upsampled, and
+    blurred with σ = ``blur``·W (the user's heatmaps: power 1.5, σ ≈ 0.02·W)."""
+    frames = upsample_bilinear(maps.clamp(0, 1).numpy() ** power, size)
+    return spatial_gaussian(frames, blur * size[1]) if blur > 0 else frames
+
+
 def write_series(folder, prefix: str, suffix: str, maps: Tensor, size: tuple[int, int],
-                 cmap: str) -> None:
-    """(T, h, w) maps in [0, 1] → one colour-mapped PNG per frame at ``size`` (H, W)."""
-    frames = upsample_bilinear(maps.numpy(), size)
-    for t, values in enumerate(frames):
-        write_png(folder / f"{prefix}_frame{t:03d}_{suffix}.png", colorize(values, cmap))
+                 viz) -> None:
+    """One colour-mapped PNG per frame at ``size`` (H, W)."""
+    for t, values in enumerate(heatmaps(maps, size, viz.power, viz.blur)):
+        write_png(folder / f"{prefix}_frame{t:03d}_{suffix}.png", colorize(values, viz.cmap))
 
 
 def statistic_sheets(stats: dict[str, Tensor], easi3r: dict[int, dict[str, Tensor]],
@@ -95,7 +102,7 @@ class PicturesStage:
         series += [("cues", name, maps.cues[name]) for name in CUES]
         series.append(("fused", "final_mask", maps.dynamic))
         for prefix, suffix, values in tqdm(series, desc="pictures", unit="series", leave=False):
-            write_series(out / "maps", prefix, suffix, values, size, cfg.cmap)
+            write_series(out / "maps", prefix, suffix, values, size, cfg)
         for t, (frame, mask) in enumerate(zip(frames, masks.binary, strict=True)):
             write_png(out / "overlays" / f"mask_frame{t:03d}_overlay.png",
                       overlay_mask(frame, mask))

@@ -32,7 +32,7 @@ from vggt4d.errors import UserError
 log = logging.getLogger(__name__)
 
 GUIDE_MODES = ("grey", "rgb", "rgbd", "grey_depth")
-BINARIZE_METHODS = ("multi_otsu", "otsu", "threshold", "hysteresis")
+BINARIZE_METHODS = ("multi_otsu", "otsu", "threshold", "hysteresis", "mean_above")
 MORPHOLOGY_OPS = ("open", "close", "dilate", "erode")
 GUIDED_BORDERS = ("reflect", "count")
 
@@ -406,6 +406,8 @@ def binarize(maps: np.ndarray, method: str, *, threshold: float = 0.5, low: floa
     - ``"otsu"``: per-frame :func:`otsu_per_frame` thresholds t_f, mask_f = maps_f > t_f.
     - ``"threshold"``: maps > ``threshold`` (the user's robust script: 0.4).
     - ``"hysteresis"``: :func:`hysteresis` with ``low`` / ``high``, 8-connected.
+    - ``"mean_above"``: per frame, t_f = mean of the values above ``threshold``; mask_f =
+      maps_f > t_f (the user's any4dgs v4 script: 0.1); a frame with no such value is empty.
 
     A threshold of +inf (constant input: nothing is dynamic) is written as ``None`` in the
     info dict so it stays strict JSON.
@@ -432,6 +434,14 @@ def binarize(maps: np.ndarray, method: str, *, threshold: float = 0.5, low: floa
     elif method == "threshold":
         masks = array > threshold
         info = {"method": method, "threshold": float(threshold)}
+    elif method == "mean_above":
+        above = array > threshold
+        counts = above.reshape(len(array), -1).sum(axis=1)
+        sums = np.where(above, array, 0).reshape(len(array), -1).sum(axis=1)
+        per_frame = np.where(counts > 0, sums / np.maximum(counts, 1), np.inf)
+        masks = array > per_frame[:, None, None]
+        info = {"method": method, "floor": float(threshold),
+                "thresholds": [finite(t) for t in per_frame]}
     else:
         masks = hysteresis(array, low, high, connectivity=2)
         info = {"method": method, "low": float(low), "high": float(high), "connectivity": 2}
@@ -477,7 +487,8 @@ def kmeans_smooth(dyn: np.ndarray, features: np.ndarray, clusters: int = 64,
 
 
 def morphology(masks: np.ndarray, op: str, size: int) -> np.ndarray:
-    """Binary morphology of each frame with a size×size square; (T, H, W) → bool.
+    """Binary (bool input) or grey-scale (float input) morphology of each frame with a
+    size×size square; (T, H, W) → the input's kind (bool or float32).
 
     erode: ``out(x) = min over the window``, dilate: ``max``; open = dilate(erode),
     close = erode(dilate). Window offsets ``−⌊size/2⌋ … size − 1 − ⌊size/2⌋`` (OpenCV's default
@@ -491,7 +502,10 @@ def morphology(masks: np.ndarray, op: str, size: int) -> np.ndarray:
     if op not in MORPHOLOGY_OPS:
         raise UserError(f"unknown morphology op {op!r}; choose one of "
                         f"{', '.join(MORPHOLOGY_OPS)}")
-    array = _maps3(masks, "masks").astype(bool)
+    array = _maps3(masks, "masks")
+    grey = array.dtype != bool
+    array = array.astype(np.float32) if grey else array
+    outside_min, outside_max = (np.inf, -np.inf) if grey else (True, False)
     if int(size) != size:
         raise UserError(f"morphology size must be an integer, got {size}")
     if size <= 1:
@@ -499,10 +513,10 @@ def morphology(masks: np.ndarray, op: str, size: int) -> np.ndarray:
     window = (1, int(size), int(size))
 
     def erode(x: np.ndarray) -> np.ndarray:
-        return ndimage.minimum_filter(x, size=window, mode="constant", cval=True)
+        return ndimage.minimum_filter(x, size=window, mode="constant", cval=outside_min)
 
     def dilate(x: np.ndarray) -> np.ndarray:
-        return ndimage.maximum_filter(x, size=window, mode="constant", cval=False)
+        return ndimage.maximum_filter(x, size=window, mode="constant", cval=outside_max)
 
     if op == "erode":
         return erode(array)

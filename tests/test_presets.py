@@ -1,0 +1,79 @@
+"""Experiment presets: one per script of the user's (SEED_SCRIPTS.md) plus the VGGT4D paper."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from vggt4d.config import validate
+from vggt4d.run import run_job
+
+PRESETS = ["collect_spatial_features", "fused", "refined", "robust", "final_smooth", "grabcut",
+           "any4dgs_v4", "vggt4d"]
+
+# What each script did (SEED_SCRIPTS.md), in the giant's layer numbers.
+EXPECTED = {
+    "collect_spatial_features": {"gram.window": "attended", "gram.engine": "chunked",
+                                 "gram.scale": True, "maps.percentiles": [2.0, 98.0],
+                                 "maps.normalize_scope": "sequence", "viz.power": 1.5,
+                                 "bands.middle": [6, 13], "bands.deep": [30, 37]},
+    "fused": {"maps.mix_inv_similarity": True, "maps.std_layers": [1, 9, 21],
+              "masks.upsample": "guided", "masks.guide": "grey", "masks.guided_radius": 0.02},
+    "refined": {"gram.offsets": [-2, -1, 1, 2], "gram.include_self": True,
+                "maps.deep_form": "inverted", "maps.percentiles": [5.0, 95.0],
+                "masks.morph_before": ["open:3"], "masks.guide": "grey_depth",
+                "masks.guided_radius": 0.01, "masks.binarize": "otsu",
+                "masks.empty_below_mean": 0.05},
+    "robust": {"maps.fusion": "sum", "masks.temporal_sigma": 1.0, "masks.guide": "grey",
+               "masks.binarize": "threshold", "masks.threshold": 0.4},
+    "final_smooth": {"masks.temporal_sigma": 1.0, "masks.guided_eps": 1e-3,
+                     "masks.binarize": "hysteresis", "masks.low": 0.3, "masks.high": 0.6},
+    "grabcut": {"masks.morph_before": ["close:7"], "masks.morph_after": ["close:7"],
+                "masks.binarize": "otsu"},
+    "any4dgs_v4": {"maps.fusion": "sum", "maps.mix_inv_similarity": True,
+                   "masks.temporal_sigma": 1.5, "masks.spatial_sigma": 0.5,
+                   "masks.binarize": "mean_above", "masks.threshold": 0.1,
+                   "masks.empty_below_max": 0.3},
+    "vggt4d": {"gram.offsets": [-6, -4, -2, 2, 4, 6], "gram.include_self": False,
+               "gram.scale": False, "gram.variance": "spatial", "maps.band_mode": "exact",
+               "maps.global_only": True, "masks.kmeans": True, "masks.binarize": "multi_otsu",
+               "bands.shallow": [13, 13], "bands.middle": [15, 21], "bands.deep": [31, 37]},
+}
+
+
+def _compose(*overrides: str):
+    with initialize_config_module("conf", version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def _get(run, dotted: str):
+    value = run
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return list(value) if isinstance(value, list | tuple) else value
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_reproduces_the_script_on_the_giant(preset):
+    run = validate(_compose(f"experiment={preset}", "model.weights=random"))
+    assert run.model.name == "da3nested-giant-large"
+    assert run.model.hooked_network == "da3"  # statistics never come from the metric network
+    for key, value in EXPECTED[preset].items():
+        assert _get(run, key) == value, key
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_runs_on_the_synthetic_scene_with_a_small_model(preset, tmp_path):
+    overrides = [f"experiment={preset}", "model=da3-small", "model.weights=random",
+                 "data.num_frames=7", "process_res=112", "pipeline=[masks,eval]",
+                 f"cache_dir={tmp_path / 'cache'}"]
+    run = validate(_compose(*overrides))
+    blocks = run.model.num_blocks
+    for band in (run.bands.shallow, run.bands.middle, run.bands.deep):
+        assert 0 <= band[0] <= band[1] < blocks  # giant layer numbers mapped to 12 blocks
+    run_job(_compose(*overrides), tmp_path / "job")
+    metrics = json.loads((tmp_path / "job" / "metrics.json").read_text())
+    assert 0.0 <= metrics["JM"] <= 1.0
+    assert len(list((tmp_path / "job" / "masks").glob("dynamic_*.png"))) == 7

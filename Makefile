@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
 	$(PIP) --no-deps depth-anything-3==0.1.1 evo==1.38.1
-	$(PIP) -e '.[dev]'
+	$(PIP) -e '.[dev,launchers]'
 	touch $(STAMP)
 
 demo: setup

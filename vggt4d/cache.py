@@ -1,9 +1,11 @@
-"""Content-addressed cache of expensive stage outputs (the DA3 prediction, Gram statistics).
+"""Content-addressed cache of expensive stage outputs (the DA3 forward and what is computed in it).
 
 An entry is the directory ``<root>/<stage>/<key>/`` holding the stage's output files; it is made
-complete in a temporary directory and renamed into place, so concurrent sweep jobs either see a
-whole entry or none. The key hashes everything that affects the files (inputs, the relevant
-config, package versions), so a run that changes only downstream settings hits it.
+complete in a temporary directory and renamed into place, so readers see a whole entry or none,
+and a file lock per entry makes concurrent sweep jobs (joblib, Slurm arrays on a shared file
+system) wait for the one computing it instead of computing it again. The key hashes everything
+that affects the files (inputs, the relevant config, package versions), so a run that changes
+only downstream settings hits it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+
+from filelock import FileLock
 
 from vggt4d.io import link_or_copy
 
@@ -36,6 +40,12 @@ class Cache:
 
     def entry(self, stage: str, key: str) -> Path:
         return self.root / stage / key
+
+    def lock(self, stage: str, key: str) -> FileLock:
+        """An inter-process lock for one entry (concurrent sweep jobs compute it once)."""
+        path = self.root / stage / f".{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(path))
 
     def has(self, stage: str, key: str, names: Iterable[str]) -> bool:
         entry = self.entry(stage, key)

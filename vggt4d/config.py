@@ -216,6 +216,21 @@ class LoggerConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Resources of one sweep job for ``hydra/launcher=slurm`` (and ``local``, joblib)."""
+
+    partition: str = "gpu"
+    gpus_per_job: int = 1
+    cpus_per_job: int = 8
+    mem_gb: int = 64
+    time_limit_min: int = 120
+    array_parallelism: int = 8
+    local_jobs: int = 1
+    """Parallel jobs of ``hydra/launcher=local``: one per GPU when several (device=auto gives
+    job n the GPU n mod count)."""
+
+
+@dataclass
 class RunConfig:
     """Top level of ``conf/config.yaml``."""
 
@@ -228,6 +243,7 @@ class RunConfig:
     viz: VizConfig = field(default_factory=VizConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     layer_depth: int | None = None
     """Depth the layer numbers in bands, gram/maps/viz layers are written for (presets use the
     40-block giant's); null = the model's own. Other depths are mapped by :func:`scale_band`."""

@@ -26,6 +26,8 @@ class JobInfo:
 
     name: str = "default"
     group: str | None = None
+    num: int = 0
+    """Index of the job in its sweep (0 for a single run)."""
 
 
 @dataclass
@@ -110,12 +112,16 @@ def execute(stages: list[Stage], ctx: Context) -> None:
         stage.check(ctx)
     for stage in stages:
         key = stage.cache_key(ctx) if stage.files else None
-        if key is not None and ctx.cache.has(stage.name, key, stage.files):
-            ctx.cache.restore(stage.name, key, stage.files, ctx.out_dir)
-            stage.load(ctx)
-            log.info("%s: reused cached result %s (%s), skipped", stage.name, key,
-                     ", ".join(stage.files))
+        if key is None:
+            stage.run(ctx)
             continue
-        stage.run(ctx)
-        if key is not None:
+        # parallel sweep jobs with the same key wait here for the first one, then reuse it
+        with ctx.cache.lock(stage.name, key):
+            if ctx.cache.has(stage.name, key, stage.files):
+                ctx.cache.restore(stage.name, key, stage.files, ctx.out_dir)
+                stage.load(ctx)
+                log.info("%s: reused cached result %s (%s), skipped", stage.name, key,
+                         ", ".join(stage.files))
+                continue
+            stage.run(ctx)
             ctx.cache.store(stage.name, key, stage.files, ctx.out_dir)

@@ -156,7 +156,7 @@ class PredictStage:
         model = ctx.cfg.model
         self.empty_net = build_network(model.name, empty=True)
         check_depth_table(model, self.empty_net)
-        self.device = resolve_device(ctx.cfg.device)
+        self.device = resolve_device(ctx.cfg.device, ctx.job.num)
         self.dtype = resolve_dtype(ctx.cfg.dtype, self.device)
         self.taps: list[ForwardTap] = forward_taps(ctx)
         self.files = ("prediction.npz", *(name for tap in self.taps for name in tap.files))

@@ -28,9 +28,13 @@ RUNTIME_OVERHEAD_BYTES = GIB // 2
 """Python, torch and the DA3 package themselves (measured ≈ 0.4 GiB RSS after import on CPU)."""
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, job_num: int = 0) -> torch.device:
+    """``auto``: CUDA when available — with several GPUs, sweep job n gets GPU n mod count —
+    else CPU; anything else is a torch device string."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", job_num % torch.cuda.device_count())
     try:
         device = torch.device(name)
     except RuntimeError:

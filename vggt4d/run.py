@@ -60,10 +60,11 @@ def run_job(cfg: DictConfig, out_dir: Path, job: JobInfo | None = None) -> Conte
 def hydra_job() -> JobInfo:
     """Run name from the overrides; in a multirun, the sweep directory names the group."""
     hydra_cfg = HydraConfig.get()
-    group = None
+    group, num = None, 0
     if hydra_cfg.mode == RunMode.MULTIRUN:
         group = Path(hydra_cfg.sweep.dir).as_posix().replace("/", "_").strip("_.")
-    return JobInfo(name=hydra_cfg.job.override_dirname or "default", group=group)
+        num = hydra_cfg.job.num
+    return JobInfo(name=hydra_cfg.job.override_dirname or "default", group=group, num=num)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")

@@ -6,6 +6,9 @@ Frames of different sizes in one folder are resized to the first frame's size wi
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,11 +111,22 @@ def load_video(data: VideoData) -> Clip:
     return Clip(np.stack(frames), [f"{path.stem}_{i:05d}" for i in range(len(frames))])
 
 
-def load_synthetic(data: SyntheticData) -> Clip:
+@functools.lru_cache(maxsize=2)
+def _rendered(settings: str):
+    """Rendered scenes are pure functions of their config (given as JSON): a sweep in one
+    process renders once. The arrays are made read-only so no stage can alter the shared copy."""
     from vggt4d.synthetic import render_scene
 
+    scene = render_scene(SyntheticData(**json.loads(settings)))
+    for array in vars(scene).values():
+        if isinstance(array, np.ndarray):
+            array.flags.writeable = False
+    return scene
+
+
+def load_synthetic(data: SyntheticData) -> Clip:
     data.validate()
-    scene = render_scene(data)
+    scene = _rendered(json.dumps(dataclasses.asdict(data), sort_keys=True))
     truth = GroundTruth(scene.depth, scene.dynamic_masks, scene.intrinsics, scene.extrinsics)
     names = [f"synthetic_{i:05d}" for i in range(len(scene.frames))]
     return Clip(scene.frames, names, truth)

@@ -1,4 +1,4 @@
-"""The pictures stage: colour-mapped maps per frame, overlays, contact sheets and videos.
+"""The pictures stages: colour-mapped maps per frame, overlays, contact sheets and videos.
 
 Written under the job directory, named like the user's files so their habits carry over:
 - ``maps/layer_{L:02d}_frame{t:03d}_{similarity,inv_similarity,variance,stability}.png``
@@ -7,23 +7,27 @@ Written under the job directory, named like the user's files so their habits car
 - ``overlays/mask_frame{t:03d}_overlay.png``: the binary mask over the frame;
 - ``contact/frame{t:03d}_{statistic}.png``: every layer side by side for one frame — the picture
   to look at first when choosing bands;
-- ``videos/<folder>/<series>.mp4``: one video per PNG series (:mod:`vggt4d.videos`).
+- ``videos/<folder>/<series>.mp4``: one video per PNG series.
+The per-layer pictures (``layer_viz``) depend on the statistics but not on bands, fusion or
+masks, so they are cached: a band sweep draws them once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 from torch import Tensor
-from tqdm import tqdm
 
+from vggt4d.cache import content_key
 from vggt4d.config import band_layers
 from vggt4d.gram import PAIRS, STATS, stat_key
 from vggt4d.maps import CUES, EASI3R_MAPS, normalize, per_frame_maps
 from vggt4d.postprocess import spatial_gaussian, upsample_bilinear
-from vggt4d.videos import make_all_videos
-from vggt4d.viz import colorize, contact_sheet, overlay_mask, write_png
+from vggt4d.viz import colorize, contact_sheet, overlay_mask, write_png, write_video
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +51,28 @@ def heatmaps(maps: Tensor, size: tuple[int, int], power: float = 1.0,
     return spatial_gaussian(frames, blur * size[1]) if blur > 0 else frames
 
 
-def write_series(folder, prefix: str, suffix: str, maps: Tensor, size: tuple[int, int],
+def write_series(out: Path, folder: str, prefix: str, suffix: str, images: np.ndarray,
                  viz) -> None:
-    """One colour-mapped PNG per frame at ``size`` (H, W)."""
-    for t, values in enumerate(heatmaps(maps, size, viz.power, viz.blur)):
-        write_png(folder / f"{prefix}_frame{t:03d}_{suffix}.png", colorize(values, viz.cmap))
+    """``images`` (T, H, W, 3) uint8 → ``<folder>/{prefix}_frame{t:03d}_{suffix}.png`` and,
+    with ``viz.videos``, ``videos/<folder>/{prefix}_{suffix}.mp4`` from the same arrays."""
+    for t, image in enumerate(images):
+        write_png(out / folder / f"{prefix}_frame{t:03d}_{suffix}.png", image)
+    if viz.videos:
+        write_video(out / "videos" / folder / f"{prefix}_{suffix}.mp4", images, viz.fps)
+
+
+def write_all(out: Path, series: list[tuple[str, str, str, np.ndarray]], viz) -> None:
+    """:func:`write_series` for each (folder, prefix, suffix, images), two at a time: zlib and
+    the ffmpeg pipes release the GIL, so a second core overlaps the encoding."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for done in [pool.submit(write_series, out, *item, viz) for item in series]:
+            done.result()
+
+
+def map_images(maps: Tensor, size: tuple[int, int], viz) -> np.ndarray:
+    """(T, h, w) maps → (T, H, W, 3) colour-mapped uint8 frames."""
+    return np.stack([colorize(values, viz.cmap)
+                     for values in heatmaps(maps, size, viz.power, viz.blur)])
 
 
 def statistic_sheets(stats: dict[str, Tensor], easi3r: dict[int, dict[str, Tensor]],
@@ -75,11 +96,74 @@ def statistic_sheets(stats: dict[str, Tensor], easi3r: dict[int, dict[str, Tenso
     return sheets
 
 
+def _layers_in(stats: dict[str, Tensor]) -> list[int]:
+    return sorted({int(key.rsplit(".L", 1)[1]) for key in stats if key.startswith("qk.mean.L")})
+
+
+class LayerPicturesStage:
+    """Per-layer Easi3R map series, contact sheets and their videos (cached across sweeps)."""
+
+    name = "layer_viz"
+    requires = ("gram_stats", "maps", "prediction")
+    provides = ("layer_pictures",)
+    files: tuple[str, ...] = ()
+
+    def check(self, ctx) -> None:
+        """Layers and fps are checked with the config."""
+
+    def _plan(self, ctx) -> tuple[list[int], list[int]]:
+        stats = ctx.artifacts["gram_stats"]
+        frames = len(ctx.artifacts["prediction"].frames)
+        layers = [i for i in picture_layers(ctx.cfg.viz.layers, ctx.cfg.model.bands)
+                  if i in _layers_in(stats)]
+        return layers, sheet_frames(ctx.cfg.viz.sheet_frames, frames)
+
+    def cache_key(self, ctx) -> str:
+        """Statistics file, frame size, normalisation and picture settings; sets ``files`` (the
+        list depends on the clip's length)."""
+        cfg = ctx.cfg
+        layers, sheets = self._plan(ctx)
+        frames = len(ctx.artifacts["prediction"].frames)
+        stats = ctx.artifacts["gram_stats"]
+        sheet_names = [*EASI3R_MAPS, *(f"{p}_{s}" for p in PAIRS for s in STATS
+                                       if any(k.startswith(f"{p}.{s}.L") for k in stats))]
+        files = [f"maps/layer_{layer:02d}_frame{t:03d}_{name}.png"
+                 for layer in layers for name in EASI3R_MAPS for t in range(frames)]
+        files += [f"contact/frame{t:03d}_{name}.png" for t in sheets for name in sheet_names]
+        if cfg.viz.videos:
+            files += [f"videos/maps/layer_{layer:02d}_{name}.mp4"
+                      for layer in layers for name in EASI3R_MAPS]
+        self.files = tuple(files)
+        statistics = hashlib.sha256((ctx.out_dir / "gram_stats.safetensors").read_bytes())
+        return content_key(statistics.hexdigest(), ctx.artifacts["prediction"].frames.shape,
+                           cfg.maps.normalize, list(cfg.maps.percentiles),
+                           cfg.maps.normalize_scope, layers, sheets, cfg.viz.cmap,
+                           cfg.viz.power, cfg.viz.blur, cfg.viz.videos, cfg.viz.fps)
+
+    def run(self, ctx) -> None:
+        cfg = ctx.cfg
+        stats = ctx.artifacts["gram_stats"]
+        size = ctx.artifacts["prediction"].frames.shape[1:3]
+        layers, sheets = self._plan(ctx)
+        easi3r = ctx.artifacts["maps"].easi3r
+        write_all(ctx.out_dir, [("maps", f"layer_{layer:02d}", name,
+                                 map_images(easi3r[layer][name], size, cfg.viz))
+                                for layer in layers for name in EASI3R_MAPS], cfg.viz)
+        for t in sheets:
+            for name, sheet in statistic_sheets(stats, easi3r, t, cfg.viz.cmap).items():
+                write_png(ctx.out_dir / "contact" / f"frame{t:03d}_{name}.png", sheet)
+        self.load(ctx)
+
+    def load(self, ctx) -> None:
+        ctx.artifacts["layer_pictures"] = [ctx.out_dir / name for name in self.files]
+
+
 class PicturesStage:
-    """Maps and masks → PNGs, contact sheets and videos (nothing here feeds later stages)."""
+    """Cue, fused-map and overlay series with their videos (the per-layer ones come from
+    :class:`LayerPicturesStage`)."""
 
     name = "viz"
-    requires = ("gram_stats", "maps", "masks", "prediction")
+    requires = ("maps", "masks", "prediction", "layer_pictures")
     provides: tuple[str, ...] = ()
     files: tuple[str, ...] = ()
 
@@ -91,29 +175,18 @@ class PicturesStage:
 
     def run(self, ctx) -> None:
         cfg = ctx.cfg.viz
-        out = ctx.out_dir
         maps, masks = ctx.artifacts["maps"], ctx.artifacts["masks"]
         frames = ctx.artifacts["prediction"].frames
         size = frames.shape[1:3]
-        layers = [layer for layer in picture_layers(cfg.layers, ctx.cfg.bands)
-                  if layer in maps.easi3r]
-        series = [(f"layer_{layer:02d}", name, maps.easi3r[layer][name])
-                  for layer in layers for name in EASI3R_MAPS]
-        series += [("cues", name, maps.cues[name]) for name in CUES]
-        series.append(("fused", "final_mask", maps.dynamic))
-        for prefix, suffix, values in tqdm(series, desc="pictures", unit="series", leave=False):
-            write_series(out / "maps", prefix, suffix, values, size, cfg)
-        for t, (frame, mask) in enumerate(zip(frames, masks.binary, strict=True)):
-            write_png(out / "overlays" / f"mask_frame{t:03d}_overlay.png",
-                      overlay_mask(frame, mask))
-        for t in sheet_frames(cfg.sheet_frames, len(frames)):
-            sheets = statistic_sheets(ctx.artifacts["gram_stats"], maps.easi3r, t, cfg.cmap)
-            for name, sheet in sheets.items():
-                write_png(out / "contact" / f"frame{t:03d}_{name}.png", sheet)
-        if cfg.videos:
-            make_all_videos(out, cfg.fps, out / "videos", progress=False)
-        log.info("viz: %d map series, overlays, contact sheets%s -> %s", len(series),
-                 ", videos" if cfg.videos else "", out)
+        series = [("maps", "cues", name, map_images(maps.cues[name], size, cfg))
+                  for name in CUES]
+        series.append(("maps", "fused", "final_mask", map_images(maps.dynamic, size, cfg)))
+        series.append(("overlays", "mask", "overlay",
+                       np.stack([overlay_mask(frame, mask)
+                                 for frame, mask in zip(frames, masks.binary, strict=True)])))
+        write_all(ctx.out_dir, series, cfg)
+        log.info("viz: cue, fused-map and overlay series%s -> %s",
+                 " with videos" if cfg.videos else "", ctx.out_dir)
 
     def load(self, ctx) -> None:
         self.run(ctx)

@@ -8,6 +8,7 @@ reuses a cached result when a stage with output ``files`` returns a ``cache_key`
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,14 +67,16 @@ class Stage(Protocol):
     name: ClassVar[str]
     requires: ClassVar[tuple[str, ...]]
     provides: ClassVar[tuple[str, ...]]
-    files: ClassVar[tuple[str, ...]]
-    """Output files in the job directory; non-empty makes the stage cacheable."""
+    files: tuple[str, ...]
+    """Output files (paths relative to the job directory) that make up a cached result; read
+    after ``cache_key``, which may set them."""
 
     def check(self, ctx: Context) -> None:
         """Validate what this stage will need; raise :class:`UserError`. Loads nothing heavy."""
 
     def cache_key(self, ctx: Context) -> str | None:
-        """Key of this stage's result given its inputs, or None when it must always run."""
+        """Key of this stage's result (its ``files``) given its inputs, or None when it is not
+        cached."""
 
     def run(self, ctx: Context) -> None:
         """Compute, write ``files`` into ``ctx.out_dir`` and put ``provides`` into artifacts."""
@@ -111,17 +114,24 @@ def execute(stages: list[Stage], ctx: Context) -> None:
     for stage in stages:
         stage.check(ctx)
     for stage in stages:
-        key = stage.cache_key(ctx) if stage.files else None
-        if key is None:
-            stage.run(ctx)
-            continue
-        # parallel sweep jobs with the same key wait here for the first one, then reuse it
-        with ctx.cache.lock(stage.name, key):
-            if ctx.cache.has(stage.name, key, stage.files):
-                ctx.cache.restore(stage.name, key, stage.files, ctx.out_dir)
-                stage.load(ctx)
-                log.info("%s: reused cached result %s (%s), skipped", stage.name, key,
-                         ", ".join(stage.files))
-                continue
-            stage.run(ctx)
-            ctx.cache.store(stage.name, key, stage.files, ctx.out_dir)
+        start = time.perf_counter()
+        run_or_restore(stage, ctx)
+        log.debug("%s: %.2f s", stage.name, time.perf_counter() - start)
+
+
+def run_or_restore(stage: Stage, ctx: Context) -> None:
+    """Run a stage, or restore its cached files when its key is stored."""
+    key = stage.cache_key(ctx)
+    if key is None:
+        stage.run(ctx)
+        return
+    # parallel sweep jobs with the same key wait here for the first one, then reuse it
+    with ctx.cache.lock(stage.name, key):
+        if ctx.cache.has(stage.name, key, stage.files):
+            ctx.cache.restore(stage.name, key, stage.files, ctx.out_dir)
+            stage.load(ctx)
+            log.info("%s: reused cached result %s (%s), skipped", stage.name, key,
+                     ", ".join(stage.files))
+            return
+        stage.run(ctx)
+        ctx.cache.store(stage.name, key, stage.files, ctx.out_dir)

@@ -24,7 +24,7 @@ from vggt4d.frames import FramesStage
 from vggt4d.gram import GramStage
 from vggt4d.maps import MapsStage
 from vggt4d.masks import MasksStage
-from vggt4d.pictures import PicturesStage
+from vggt4d.pictures import LayerPicturesStage, PicturesStage
 from vggt4d.pipeline import Context, JobInfo, execute, resolve
 from vggt4d.predict import PredictStage
 from vggt4d.tracking import TrackingStage
@@ -33,8 +33,8 @@ log = logging.getLogger("vggt4d")
 
 STAGES: dict[str, type] = {
     stage.name: stage
-    for stage in (FramesStage, PredictStage, GramStage, MapsStage, MasksStage, PicturesStage,
-                  EvalStage, TrackingStage)
+    for stage in (FramesStage, PredictStage, GramStage, MapsStage, MasksStage,
+                  LayerPicturesStage, PicturesStage, EvalStage, TrackingStage)
 }
 """Every stage the runner can compose, by the name used in ``pipeline``."""
 

@@ -4,7 +4,7 @@ One W&B run per job: the resolved config, job type = model, tags (model, window,
 sweep id as group in a multirun and the overrides as run name. Keys are grouped for the
 dashboard; one history step per frame, so W&B's step slider scrubs through the clip:
 - ``maps/{w_shallow,w_middle,w_deep,dynamic}``: colour-mapped cue and fused maps (uint8 RGB:
-  wandb ≥ 0.30 renders raw float maps black);
+  wandb ≥ 0.30 renders raw float maps black; the pictures stage's PNGs are reused when present);
 - ``masks/overlay`` (the frame with the mask — and the ground truth when known — as W&B mask
   layers with class labels static / dynamic), ``masks/soft``;
 - ``metrics/{J,F,area_fraction}`` per frame; ``metrics/{JM,JR,FM,FR,...}`` in the summary with a
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -37,8 +38,18 @@ def run_tags(cfg) -> list[str]:
     return [cfg.model.name, f"window={cfg.gram.window}", f"bands={bands}", *cfg.logger.tags]
 
 
+def map_image(ctx, png: Path, values) -> object:
+    """A W&B image of a map: the PNG the pictures stage wrote (no second encoding) when it
+    exists, else the colour-mapped values."""
+    import wandb
+
+    if png.is_file():
+        return wandb.Image(str(png))
+    return wandb.Image(colorize(values(), ctx.cfg.viz.cmap))
+
+
 def frame_records(ctx) -> list[dict]:
-    """One dict of W&B values per frame (images built lazily by the caller's ``wandb``)."""
+    """One dict of W&B values per frame."""
     import wandb
 
     maps, masks = ctx.artifacts["maps"], ctx.artifacts["masks"]
@@ -46,8 +57,8 @@ def frame_records(ctx) -> list[dict]:
     clip = ctx.artifacts.get("clip")
     frames = prediction.frames
     size = frames.shape[1:3]
-    upsampled = {name: upsample_bilinear(maps.cues[name].numpy(), size) for name in CUES}
-    upsampled["dynamic"] = upsample_bilinear(maps.dynamic.numpy(), size)
+    series = {name: (f"cues_frame{{t:03d}}_{name}.png", maps.cues[name]) for name in CUES}
+    series["dynamic"] = ("fused_frame{t:03d}_final_mask.png", maps.dynamic)
     truth = None
     if clip is not None and clip.ground_truth is not None:
         from vggt4d.evaluate import _resize_nearest
@@ -62,10 +73,14 @@ def frame_records(ctx) -> list[dict]:
         if truth is not None:
             layers["ground_truth"] = {"mask_data": truth[t].astype(np.uint8),
                                       "class_labels": CLASS_LABELS}
-        record = {f"maps/{name}": wandb.Image(colorize(values[t], ctx.cfg.viz.cmap))
-                  for name, values in upsampled.items()}
+        record = {
+            f"maps/{name}": map_image(
+                ctx, ctx.out_dir / "maps" / pattern.format(t=t),
+                lambda grid=grid, t=t: upsample_bilinear(grid[t:t + 1].numpy(), size)[0])
+            for name, (pattern, grid) in series.items()}
         record["masks/overlay"] = wandb.Image(frame, masks=layers)
-        record["masks/soft"] = wandb.Image(colorize(masks.soft[t], ctx.cfg.viz.cmap))
+        record["masks/soft"] = map_image(ctx, ctx.out_dir / "masks" / f"soft_{t:04d}.png",
+                                         lambda t=t: masks.soft[t])
         record["metrics/area_fraction"] = area[t]
         for key in ("J", "F"):
             if key in per_frame:

@@ -173,7 +173,10 @@ def side_by_side(images: list[np.ndarray], gap: int = 4) -> np.ndarray:
 
 
 def write_png(path: Path, image: np.ndarray) -> Path:
-    """Write a uint8 image ((H,W) grey, (H,W,3) RGB or (H,W,4) RGBA) as PNG, atomically."""
+    """Write a uint8 image ((H,W) grey, (H,W,3) RGB or (H,W,4) RGBA) as PNG, atomically.
+
+    zlib level 1: 4× faster than the default level 6 for ≈ 25 % larger files, which matters
+    when a job writes hundreds of maps."""
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise ValueError(f"write_png needs uint8 (colorize float maps first), got {image.dtype}")
@@ -182,11 +185,13 @@ def write_png(path: Path, image: np.ndarray) -> Path:
     if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))):
         raise ValueError(f"write_png needs (H, W), (H, W, 3) or (H, W, 4), got {image.shape}")
     picture = Image.fromarray(np.ascontiguousarray(image))
-    return atomic_write(Path(path), lambda tmp: picture.save(tmp, format="PNG"))
+    return atomic_write(Path(path),
+                        lambda tmp: picture.save(tmp, format="PNG", compress_level=1))
 
 
 def write_video(path: Path, frames: np.ndarray, fps: float) -> Path:
-    """Write ``(T, H, W, 3)`` uint8 frames as an H.264 mp4 (yuv420p, crf 18), atomically.
+    """Write ``(T, H, W, 3)`` uint8 frames as an H.264 mp4 (yuv420p, crf 18, x264 preset
+    ultrafast: 6× faster than the default for ≈ 15 % larger files), atomically.
 
     yuv420p needs even sides: an odd height or width is padded by one row / column repeating
     the last one (edge padding), so the video may be one pixel taller / wider than the frames.
@@ -213,7 +218,8 @@ def write_video(path: Path, frames: np.ndarray, fps: float) -> Path:
         writer = imageio_ffmpeg.write_frames(
             str(tmp), size, fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=None,
             macro_block_size=1, ffmpeg_log_level="error",
-            output_params=["-crf", "18", "-movflags", "+faststart", "-f", "mp4"])
+            output_params=["-crf", "18", "-preset", "ultrafast", "-movflags", "+faststart",
+                           "-f", "mp4"])
         writer.send(None)
         try:
             for frame in frames:

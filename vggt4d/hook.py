@@ -41,11 +41,26 @@ class FrameLayout:
     """(h, w): patch rows and columns; ``tokens_per_frame = patch_start_idx + h·w``."""
 
 
+@dataclass(frozen=True)
+class KeyMask:
+    """Tokens whose keys and values are removed in chosen blocks (the second masked pass).
+
+    ``drop`` is ``(T, N)`` bool in input frame order, True = this token's key/value is hidden from
+    every query (all tokens still query); special tokens must stay False, so every query keeps at
+    least one key. Local blocks hide them within their frame, global blocks across the clip.
+    """
+
+    drop: Tensor
+    layers: frozenset[int]
+
+
 @dataclass
 class _ClipState:
     """Per-forward state shared by the block wrappers: layout and DA3's view permutation."""
 
     layout: FrameLayout | None = None
+    order: Tensor | None = None
+    """``order[p]``: input frame at DA3's internal position ``p`` (None: identity)."""
     inverse_order: Tensor | None = None
     """``inverse_order[t]``: position of input frame ``t`` in DA3's order (None: identity)."""
 
@@ -54,6 +69,12 @@ class _ClipState:
         if self.inverse_order is None:
             return frames_first
         return frames_first.index_select(0, self.inverse_order.to(frames_first.device))
+
+    def to_internal_order(self, frames_first: Tensor) -> Tensor:
+        """Reorder a ``(T, ...)`` tensor from input order to DA3's internal frame order."""
+        if self.order is None:
+            return frames_first
+        return frames_first.index_select(0, self.order.to(frames_first.device))
 
 
 @dataclass
@@ -119,10 +140,22 @@ def is_global_block(layer: int, alt_start: int) -> bool:
     return alt_start != -1 and layer >= alt_start and layer % 2 == 1
 
 
+def _keep_keys(drop: Tensor, is_global: bool, state: _ClipState) -> Tensor | None:
+    """SDPA boolean mask (True = may attend) hiding the dropped keys, broadcast over queries:
+    ``(T, 1, 1, N)`` for a per-frame block, ``(1, 1, 1, T·N)`` for a global one; None when
+    nothing is dropped, so masking nothing is exactly the plain forward."""
+    if not bool(drop.any()):
+        return None
+    keep = ~state.to_internal_order(drop)
+    return keep.reshape(1, 1, 1, -1) if is_global else keep[:, None, None, :]
+
+
 def _attention_with_capture(
-    attn: nn.Module, layer: int, is_global: bool, state: _ClipState, consumer: QKConsumer
+    attn: nn.Module, layer: int, is_global: bool, state: _ClipState,
+    consumer: QKConsumer | None, key_mask: KeyMask | None,
 ) -> Callable[..., Tensor]:
-    """A drop-in ``Attention.forward`` that reports post-norm, post-RoPE Q/K to ``consumer``."""
+    """A drop-in ``Attention.forward`` that reports post-norm, post-RoPE Q/K to ``consumer`` and
+    hides the keys/values of ``key_mask`` tokens."""
 
     def forward(x: Tensor, pos: Tensor | None = None, attn_mask: Tensor | None = None) -> Tensor:
         batch, tokens, channels = x.shape
@@ -132,8 +165,14 @@ def _attention_with_capture(
         q, k = attn.q_norm(q), attn.k_norm(k)
         if attn.rope is not None and pos is not None:
             q, k = attn.rope(q, pos), attn.rope(k, pos)
-        consumer(BlockQK(layer, is_global, state.layout, q, k, state))
+        if consumer is not None:
+            consumer(BlockQK(layer, is_global, state.layout, q, k, state))
         mask = attn_mask[:, None].repeat(1, heads, 1, 1) if attn_mask is not None else None
+        keep = _keep_keys(key_mask.drop.to(x.device), is_global, state) if key_mask else None
+        if keep is not None:
+            hidden = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(
+                ~keep, float("-inf"))
+            mask = keep if mask is None else mask + hidden
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(batch, tokens, channels)))
 
@@ -149,6 +188,7 @@ def capture_attention(
     layers: Sequence[int] | None = None,
     on_tokens: TokenConsumer | None = None,
     token_layers: Sequence[int] | None = None,
+    key_mask: KeyMask | None = None,
 ) -> Iterator[None]:
     """Within the block, every forward of ``net`` reports Q/K (and optionally block tokens).
 
@@ -159,6 +199,7 @@ def capture_attention(
         layers: blocks whose Q/K are reported (default: all).
         on_tokens: called with each selected block's input and output tokens.
         token_layers: blocks whose tokens are reported (default: all when ``on_tokens`` is set).
+        key_mask: tokens whose keys/values are hidden in ``key_mask.layers`` (second pass).
     """
     backbone = hooked_backbone(net, hooked_network)
     vit = backbone.pretrained
@@ -176,13 +217,17 @@ def capture_attention(
         grid = (height // PATCH_SIZE, width // PATCH_SIZE)
         state.layout = FrameLayout(frames, vit.patch_start_idx + grid[0] * grid[1],
                                    vit.patch_start_idx, grid)
-        state.inverse_order = None
+        state.order = state.inverse_order = None
+        expected = (frames, state.layout.tokens_per_frame)
+        if key_mask is not None and tuple(key_mask.drop.shape) != expected:
+            raise ValueError(f"key mask of shape {tuple(key_mask.drop.shape)} does not fit "
+                             f"{frames} frames of {expected[1]} tokens")
 
     def recording_select(x: Tensor, *args, **kwargs) -> Tensor:
         ref_index = original_select(x, *args, **kwargs)
         positions = torch.arange(x.shape[1], device=ref_index.device).view(1, -1, 1, 1)
-        order = reorder_by_reference(positions, ref_index)[0, :, 0, 0]
-        state.inverse_order = torch.argsort(order)
+        state.order = reorder_by_reference(positions, ref_index)[0, :, 0, 0]
+        state.inverse_order = torch.argsort(state.order)
         return ref_index
 
     def report_tokens(layer: int, is_global: bool) -> Callable:
@@ -198,11 +243,14 @@ def capture_attention(
     try:
         handles.append(backbone.register_forward_pre_hook(start_clip))
         da3_vit.select_reference_view = recording_select
+        masked_layers = key_mask.layers if key_mask is not None else frozenset()
         for layer, block in enumerate(blocks):
             is_global = is_global_block(layer, vit.alt_start)
-            if on_qk is not None and layer in qk_layers:
+            consumer = on_qk if on_qk is not None and layer in qk_layers else None
+            masked = key_mask if layer in masked_layers else None
+            if consumer is not None or masked is not None:
                 block.attn.forward = _attention_with_capture(block.attn, layer, is_global,
-                                                             state, on_qk)
+                                                             state, consumer, masked)
                 patched_attn.append(block.attn)
             if on_tokens is not None and layer in tok_layers:
                 handles.append(block.register_forward_hook(report_tokens(layer, is_global)))

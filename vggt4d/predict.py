@@ -9,6 +9,7 @@ frames (T, H, W, 3) uint8, the processed frames; grid (2,) the patch grid (h, w)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from vggt4d.hook import (
     PATCH_SIZE,
     BlockQK,
     BlockTokens,
+    KeyMask,
     QKConsumer,
     TokenConsumer,
     capture_attention,
@@ -111,18 +113,21 @@ def run_forward(
     qk_layers: Sequence[int] | None = None,
     on_tokens: TokenConsumer | None = None,
     token_layers: Sequence[int] | None = None,
+    key_mask: KeyMask | None = None,
     progress: bool = True,
 ) -> Prediction:
     """Run DA3 on processed uint8 frames ``(T, H, W, 3)`` (sides multiples of 14).
 
     With ``on_qk`` / ``on_tokens`` the attention Q/K / block tokens of the chosen blocks of
-    ``hooked_network`` are captured (:func:`vggt4d.hook.capture_attention`).
+    ``hooked_network`` are captured, and ``key_mask`` hides tokens' keys and values in its
+    blocks (:func:`vggt4d.hook.capture_attention`).
     """
     height, width = frames.shape[1:3]
     images = normalize(frames).to(device)[None]
-    hooked = on_qk is not None or on_tokens is not None
+    hooked = on_qk is not None or on_tokens is not None or key_mask is not None
     hooks = (capture_attention(net, on_qk, hooked_network=hooked_network, layers=qk_layers,
-                               on_tokens=on_tokens, token_layers=token_layers)
+                               on_tokens=on_tokens, token_layers=token_layers,
+                               key_mask=key_mask)
              if hooked else contextlib.nullcontext())
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     with hooks, autocast, block_progress(net, hooked_network, progress):
@@ -142,6 +147,49 @@ def run_forward(
     )
 
 
+def forward_identity(ctx, frames: np.ndarray, device: torch.device,
+                     dtype: torch.dtype) -> list:
+    """Everything a DA3 forward's result depends on: frames, model, weights, dtype, device type,
+    package versions (the start of every forward's cache key)."""
+    from importlib.metadata import version
+
+    model = ctx.cfg.model
+    weights = model.weights
+    if weights == "random":
+        weights = f"random(seed={ctx.cfg.seed})"
+    elif Path(weights).expanduser().exists():
+        path = Path(weights).expanduser().resolve()
+        weights = f"{path}:{path.stat().st_size}:{path.stat().st_mtime_ns}"
+    return [hashlib.sha256(frames.tobytes()).hexdigest(), frames.shape, model.name, weights,
+            model.ref_view_strategy, str(dtype), device.type, version("depth-anything-3"),
+            __version__]
+
+
+def prepare_network(ctx, frames: np.ndarray, device: torch.device, dtype: torch.dtype,
+                    what: str) -> nn.Module:
+    """Refuse clips that do not fit the device (before loading anything), then build the
+    network with its weights on ``device``."""
+    model = ctx.cfg.model
+    empty = build_network(model.name, empty=True)
+    estimate = estimate_forward_memory(
+        num_params=parameter_count(empty), frames=len(frames),
+        height=frames.shape[1], width=frames.shape[2],
+        embed_dim=depth_table(empty, model.hooked_network)["embed_dim"],
+        head_features=head_features(model.name), dtype=dtype,
+    )
+    limit = ctx.cfg.memory_limit_gb * GIB if ctx.cfg.memory_limit_gb else available_bytes(device)
+    check_memory(estimate, int(limit),
+                 f"{model.name} on {len(frames)} frames at {frames.shape[2]}x{frames.shape[1]}")
+    weights_path = resolve_weights(model.weights)
+    torch.manual_seed(ctx.cfg.seed)
+    net = build_network(model.name)
+    if weights_path is not None:
+        load_weights(net, weights_path, model.name)
+    log.info("%s: %s (%s weights) on %s, %s", what, model.name, model.weights, device,
+             str(dtype).removeprefix("torch."))
+    return net.to(device)
+
+
 class PredictStage:
     """DA3 forward on the processed frames → ``prediction.npz`` (cached by inputs and model)."""
 
@@ -154,29 +202,16 @@ class PredictStage:
         """Depth table against the network (built empty), device and dtype, and the taps that
         later stages put into the forward (their files join this stage's cached outputs)."""
         model = ctx.cfg.model
-        self.empty_net = build_network(model.name, empty=True)
-        check_depth_table(model, self.empty_net)
+        check_depth_table(model, build_network(model.name, empty=True))
         self.device = resolve_device(ctx.cfg.device, ctx.job.num)
         self.dtype = resolve_dtype(ctx.cfg.dtype, self.device)
         self.taps: list[ForwardTap] = forward_taps(ctx)
         self.files = ("prediction.npz", *(name for tap in self.taps for name in tap.files))
 
     def cache_key(self, ctx) -> str:
-        from importlib.metadata import version
-
-        model = ctx.cfg.model
         frames: np.ndarray = ctx.artifacts["processed_frames"]
-        weights = model.weights
-        if weights == "random":
-            weights = f"random(seed={ctx.cfg.seed})"
-        elif Path(weights).expanduser().exists():
-            stat = Path(weights).expanduser().resolve().stat()
-            weights = f"{Path(weights).expanduser().resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-        return content_key(
-            frames.tobytes(), frames.shape, model.name, weights, model.ref_view_strategy,
-            str(self.dtype), self.device.type, version("depth-anything-3"), __version__,
-            [tap.key for tap in self.taps],
-        )
+        return content_key(*forward_identity(ctx, frames, self.device, self.dtype),
+                           [tap.key for tap in self.taps])
 
     def run(self, ctx) -> None:
         model = ctx.cfg.model
@@ -184,24 +219,7 @@ class PredictStage:
         for tap in self.taps:
             if tap.check_frames is not None:
                 tap.check_frames(len(frames))
-        estimate = estimate_forward_memory(
-            num_params=parameter_count(self.empty_net), frames=len(frames),
-            height=frames.shape[1], width=frames.shape[2],
-            embed_dim=depth_table(self.empty_net, model.hooked_network)["embed_dim"],
-            head_features=head_features(model.name), dtype=self.dtype,
-        )
-        limit = (ctx.cfg.memory_limit_gb * GIB if ctx.cfg.memory_limit_gb
-                 else available_bytes(self.device))
-        check_memory(estimate, int(limit),
-                     f"{model.name} on {len(frames)} frames at {frames.shape[2]}x{frames.shape[1]}")
-        weights_path = resolve_weights(model.weights)
-        torch.manual_seed(ctx.cfg.seed)
-        net = build_network(model.name)
-        if weights_path is not None:
-            load_weights(net, weights_path, model.name)
-        net.to(self.device)
-        log.info("predict: %s (%s weights) on %s, %s", model.name, model.weights,
-                 self.device, str(self.dtype).removeprefix("torch."))
+        net = prepare_network(ctx, frames, self.device, self.dtype, "predict")
         qk_taps = [tap for tap in self.taps if tap.on_qk is not None]
         token_taps = [tap for tap in self.taps if tap.on_tokens is not None]
 

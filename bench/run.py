@@ -103,15 +103,16 @@ def band_sweep() -> None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1",
                **{name: str(root / "wandb") for name in
                   ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")}}
-        command = [sys.executable, "-m", "vggt4d.run", "model=da3-small", "model.weights=random"]
+        model = ["model=da3-small", "model.weights=random"]
 
-        def timed(*overrides: str) -> float:
+        def timed(*arguments: str) -> float:
             start = time.perf_counter()
-            subprocess.run([*command, *overrides], env=env, check=True, capture_output=True)
+            subprocess.run([sys.executable, "-m", "vggt4d.run", *arguments], env=env,
+                           check=True, capture_output=True)
             return time.perf_counter() - start
 
-        one = timed(f"cache_dir={root / 'one_cache'}", f"hydra.run.dir={root / 'one'}")
-        sweep = timed("-m", *SWEEP, f"cache_dir={root / 'sweep_cache'}",
+        one = timed(*model, f"cache_dir={root / 'one_cache'}", f"hydra.run.dir={root / 'one'}")
+        sweep = timed("-m", *model, *SWEEP, f"cache_dir={root / 'sweep_cache'}",
                       f"hydra.sweep.dir={root / 'sweep'}")
         forwards = len([p for p in (root / "sweep_cache" / "predict").iterdir() if p.is_dir()])
     ratio = sweep / one

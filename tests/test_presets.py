@@ -11,7 +11,7 @@ from vggt4d.config import validate
 from vggt4d.run import run_job
 
 PRESETS = ["collect_spatial_features", "fused", "refined", "robust", "final_smooth", "grabcut",
-           "any4dgs_v4", "vggt4d"]
+           "any4dgs_v4", "vggt4d", "full", "full_strict"]
 
 # What each script did (SEED_SCRIPTS.md), in the giant's layer numbers.
 EXPECTED = {
@@ -40,6 +40,14 @@ EXPECTED = {
                "gram.scale": False, "gram.variance": "spatial", "maps.band_mode": "exact",
                "maps.global_only": True, "masks.kmeans": True, "masks.binarize": "multi_otsu",
                "bands.shallow": [13, 13], "bands.middle": [15, 21], "bands.deep": [31, 37]},
+    "full": {"gram.variance": "spatial", "refine.tau": 0.1, "refine.clusters": 30,
+             "refine.neighbours": 20, "refine.std_ratio": 2.5, "refine.close": 5,
+             "refine.dilate": 3, "second_pass.layers": [0, 1, 2, 3, 4],
+             "second_pass.patch_rule": "any"},
+    "full_strict": {"gram.offsets": [-2, -1, 1, 2], "masks.binarize": "threshold",
+                    "masks.threshold": 0.5, "refine.score": "gradient",
+                    "refine.gradient_weight": 10.0, "refine.std_ratio": 2.0,
+                    "refine.tau": 0.15, "second_pass.layers": [1, 2, 3, 4, 5, 6, 7, 8]},
 }
 
 
@@ -77,3 +85,23 @@ def test_preset_runs_on_the_synthetic_scene_with_a_small_model(preset, tmp_path)
     metrics = json.loads((tmp_path / "job" / "metrics.json").read_text())
     assert 0.0 <= metrics["JM"] <= 1.0
     assert len(list((tmp_path / "job" / "masks").glob("dynamic_*.png"))) == 7
+
+
+@pytest.mark.parametrize("preset", ["full", "full_strict"])
+def test_full_pipeline_refines_reruns_da3_and_reports_both_passes(preset, tmp_path):
+    overrides = [f"experiment={preset}", "model=da3-small", "model.weights=random",
+                 "data.num_frames=7", "process_res=112", "logger=none", "viz.videos=false",
+                 f"cache_dir={tmp_path / 'cache'}"]
+    run_job(_compose(*overrides), tmp_path / "job")
+    job = tmp_path / "job"
+    assert (job / "prediction_pass2.npz").is_file()
+    assert len(list((job / "depth_compare").glob("frame*.png"))) == 7
+    assert len(list((job / "masks_refined").glob("dynamic_*.png"))) == 7
+    metrics = json.loads((job / "metrics.json").read_text())
+    assert {"coarse", "refined"} <= metrics.keys()
+    for name in ("pass1", "pass2"):
+        geometry = metrics["geometry"][name]
+        assert geometry["depth"]["abs_rel"] >= 0 and 0 <= geometry["depth"]["delta_1.25"] <= 1
+        assert geometry["pose"]["ate"] >= 0
+    difference = json.loads((job / "second_pass.json").read_text())
+    assert len(difference["rotation_deg"]) == 7

@@ -18,6 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from vggt4d.errors import UserError
+from vggt4d.refine import RefineSettings
 from vggt4d.synthetic import SyntheticConfig
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ GIANT_BANDS = {"shallow": (1, 5), "middle": (6, 15), "deep": (18, 21)}
 
 GIANT_DEPTH = 40
 
-KNOWN_STAGES = ("predict", "gram", "maps", "masks", "viz", "eval", "log")
+KNOWN_STAGES = ("predict", "gram", "maps", "masks", "refine", "second_pass", "viz", "eval", "log")
 """Stages the runner knows, in pipeline order."""
 
 
@@ -178,6 +179,17 @@ class MasksConfig:
 
 
 @dataclass
+class SecondPassConfig:
+    """The second masked DA3 pass (see :mod:`vggt4d.second_pass`)."""
+
+    layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    """Blocks whose dynamic keys/values are hidden (VGGT4D: 0-4; the user's scripts: 1-8)."""
+    patch_rule: str = "any"
+    """A patch is dynamic when ``any`` pixel is (VGGT4D) or by ``area`` (> area_fraction)."""
+    area_fraction: float = 0.1
+
+
+@dataclass
 class VizConfig:
     """Pictures and videos (see :mod:`vggt4d.pictures`)."""
 
@@ -242,6 +254,8 @@ class RunConfig:
     masks: MasksConfig = field(default_factory=MasksConfig)
     viz: VizConfig = field(default_factory=VizConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    refine: RefineSettings = field(default_factory=RefineSettings)
+    second_pass: SecondPassConfig = field(default_factory=SecondPassConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     layer_depth: int | None = None
@@ -384,7 +398,8 @@ def map_layers_to_model(run: RunConfig) -> None:
         scaled = scale_band((band[0], band[1]), blocks) if depth == GIANT_DEPTH else (
             scale_layer(band[0], depth, blocks), scale_layer(band[1], depth, blocks))
         setattr(run.bands, name, list(scaled))
-    for section, key in (("gram", "layers"), ("maps", "std_layers"), ("viz", "layers")):
+    for section, key in (("gram", "layers"), ("maps", "std_layers"), ("viz", "layers"),
+                         ("second_pass", "layers")):
         owner = getattr(run, section)
         setattr(owner, key, sorted({scale_layer(i, depth, blocks) for i in getattr(owner, key)}))
     log.info("layer numbers written for %d blocks mapped to %s's %d: bands %s", depth,

@@ -60,6 +60,7 @@ from skimage.morphology import disk
 
 from vggt4d.errors import UserError
 from vggt4d.io import atomic_write
+from vggt4d.stage import UncachedStage
 
 log = logging.getLogger(__name__)
 
@@ -382,32 +383,57 @@ def unsupervised_figures(masks: np.ndarray) -> dict:
             "temporal_iou": float(np.mean(consecutive)) if consecutive else 1.0}
 
 
-class EvalStage:
+def geometry_scores(ctx, truth) -> dict:
+    """Depth (AbsRel, δ<1.25 after median scaling) and poses (ATE, RPE after Sim(3)) of the first
+    and, when it ran, the second pass, at the ground truth's resolution."""
+    from vggt4d.geometry_metrics import depth_metrics, pose_metrics
+    from vggt4d.postprocess import upsample_bilinear
+
+    passes = {"pass1": ctx.artifacts["prediction"]}
+    if "prediction_pass2" in ctx.artifacts:
+        passes["pass2"] = ctx.artifacts["prediction_pass2"]
+    scores = {}
+    for name, prediction in passes.items():
+        depth = upsample_bilinear(prediction.depth, truth.depth.shape[1:3])
+        scores[name] = {"depth": depth_metrics(depth, truth.depth)}
+        try:
+            scores[name]["pose"] = pose_metrics(prediction.extrinsics, truth.extrinsics)
+            poses = f", ATE {scores[name]['pose']['ate']:.4f}"
+        except UserError as err:  # too few frames or a degenerate predicted path
+            scores[name]["pose"] = {"skipped": str(err)}
+            poses = f"; poses not scored ({err})"
+        log.info("eval %s: depth AbsRel %.3f, delta<1.25 %.3f%s", name,
+                 scores[name]["depth"]["abs_rel"], scores[name]["depth"]["delta_1.25"], poses)
+    return scores
+
+
+class EvalStage(UncachedStage):
     """Masks against ground truth (the synthetic scene's, or ``eval.gt_path``) → metrics.json.
 
-    Predicted masks are resized (nearest) to the ground truth's resolution before scoring, so
-    the scores are at the annotation's own size. Without ground truth only the unsupervised
-    figures are written, with a note in the log.
+    Coarse and (when the refine stage ran) refined masks are scored; the top-level JM, JR, FM, FR
+    are the final masks'. Predicted masks are resized (nearest) to the ground truth's resolution
+    before scoring, so the scores are at the annotation's own size. With the synthetic scene's
+    depth and cameras, ``geometry`` holds depth and pose errors of each DA3 pass. Without ground
+    truth only the unsupervised figures are written, with a note in the log.
     """
 
     name = "eval"
     requires = ("masks", "clip")
     provides = ("metrics",)
-    files: tuple[str, ...] = ()
 
     def check(self, ctx) -> None:
         gt_path = ctx.cfg.eval.gt_path
         if gt_path and not Path(gt_path).expanduser().is_dir():
             raise UserError(f"eval.gt_path={gt_path}: no such directory")
 
-    def cache_key(self, ctx) -> None:
-        return None
-
     def run(self, ctx) -> None:
         cfg = ctx.cfg.eval
-        binary = ctx.artifacts["masks"].binary
         clip = ctx.artifacts["clip"]
-        metrics: dict = {"unsupervised": unsupervised_figures(binary)}
+        stages = {"coarse": ctx.artifacts["masks"].binary}
+        if "refined_masks" in ctx.artifacts:
+            stages["refined"] = ctx.artifacts["refined_masks"].binary
+        final = stages.get("refined", stages["coarse"])
+        metrics: dict = {"unsupervised": unsupervised_figures(final)}
         truth = None
         if cfg.gt_path:
             truth = read_mask_folder(Path(cfg.gt_path).expanduser())
@@ -417,16 +443,17 @@ class EvalStage:
             log.info("eval: no ground truth (set eval.gt_path to a mask folder); "
                      "wrote unsupervised figures only")
         else:
-            predicted = _resize_nearest(binary, *truth.shape[1:3])
-            scores = score_sequence(predicted, truth, bound_th=cfg.bound_th,
-                                    empty_score=cfg.empty_score)
-            metrics.update({key: scores[key] for key in ("JM", "JR", "FM", "FR")})
-            metrics["per_frame"] = {"J": scores["J"], "F": scores["F"]}
-            log.info("eval: JM %.3f JR %.3f FM %.3f FR %.3f", *(scores[k] for k in
+            for name, masks in stages.items():
+                scores = score_sequence(_resize_nearest(masks, *truth.shape[1:3]), truth,
+                                        bound_th=cfg.bound_th, empty_score=cfg.empty_score)
+                metrics[name] = {key: scores[key] for key in ("JM", "JR", "FM", "FR")}
+                metrics[name]["per_frame"] = {"J": scores["J"], "F": scores["F"]}
+            chosen = metrics["refined" if "refined" in stages else "coarse"]
+            metrics.update({key: chosen[key] for key in ("JM", "JR", "FM", "FR", "per_frame")})
+            log.info("eval: JM %.3f JR %.3f FM %.3f FR %.3f", *(metrics[k] for k in
                                                                  ("JM", "JR", "FM", "FR")))
+        if clip.ground_truth is not None:
+            metrics["geometry"] = geometry_scores(ctx, clip.ground_truth)
         atomic_write(ctx.out_dir / "metrics.json",
                      lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
         ctx.artifacts["metrics"] = metrics
-
-    def load(self, ctx) -> None:
-        self.run(ctx)

@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from vggt4d.config import PATCH_SIZE, ImagesData, SyntheticData, VideoData
 from vggt4d.errors import UserError
+from vggt4d.stage import UncachedStage
 
 log = logging.getLogger(__name__)
 
@@ -174,19 +175,12 @@ def normalize(frames: np.ndarray) -> torch.Tensor:
     return (images - mean) / std
 
 
-class FramesStage:
+class FramesStage(UncachedStage):
     """Decode the clip and resize it to DA3's processing size (no files: decoding is cheap)."""
 
     name = "frames"
     requires: tuple[str, ...] = ()
     provides = ("clip", "processed_frames")
-    files: tuple[str, ...] = ()
-
-    def check(self, ctx) -> None:
-        """Sources are checked when decoded, before any model is loaded."""
-
-    def cache_key(self, ctx) -> None:
-        return None
 
     def run(self, ctx) -> None:
         clip = load_clip(ctx.cfg.data)
@@ -195,6 +189,3 @@ class FramesStage:
         ctx.artifacts["processed_frames"] = resize_frames(clip.frames, size)
         log.info("frames: %d frames %dx%d -> processing size %dx%d", len(clip.frames),
                  clip.frames.shape[2], clip.frames.shape[1], size[1], size[0])
-
-    def load(self, ctx) -> None:
-        self.run(ctx)

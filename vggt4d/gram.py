@@ -29,6 +29,7 @@ from torch import Tensor
 
 from vggt4d.errors import UserError
 from vggt4d.hook import BlockQK
+from vggt4d.stage import UncachedStage
 
 PAIRS = ("qq", "kk", "qk")
 STATS = ("mean", "var")
@@ -404,7 +405,7 @@ def spec_from_config(cfg) -> GramSpec:
     return spec
 
 
-class GramStage:
+class GramStage(UncachedStage):
     """Statistics computed inside the (cached) DA3 forward → ``gram_stats.safetensors``.
 
     One ``(T, h, w)`` float32 tensor per key ``{pair}.{stat}.L{layer:02d}`` (``(T, heads, h, w)``
@@ -415,7 +416,6 @@ class GramStage:
     name = "gram"
     requires = ("prediction",)
     provides = ("gram_stats",)
-    files: tuple[str, ...] = ()
     output = "gram_stats.safetensors"
 
     def check(self, ctx) -> None:
@@ -456,13 +456,7 @@ class GramStage:
                           files=(self.output,), save=save, on_qk=collector,
                           qk_layers=frozenset(needed), check_frames=check_frames)
 
-    def cache_key(self, ctx) -> None:
-        return None
-
     def run(self, ctx) -> None:
         from safetensors.torch import load_file
 
         ctx.artifacts["gram_stats"] = load_file(str(ctx.out_dir / self.output))
-
-    def load(self, ctx) -> None:
-        self.run(ctx)

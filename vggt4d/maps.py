@@ -27,6 +27,7 @@ from torch import Tensor
 from vggt4d.config import MapsConfig, cue_bands
 from vggt4d.gram import band_key, stat_key
 from vggt4d.io import atomic_write
+from vggt4d.stage import UncachedStage
 
 log = logging.getLogger(__name__)
 
@@ -131,19 +132,12 @@ class DynamicMaps:
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
-class MapsStage:
+class MapsStage(UncachedStage):
     """Gram statistics → ``dynamic_maps.safetensors`` (cheap: sweeps rerun only this onward)."""
 
     name = "maps"
     requires = ("gram_stats",)
     provides = ("maps",)
-    files: tuple[str, ...] = ()
-
-    def check(self, ctx) -> None:
-        """Bands and choices are checked with the config (:func:`vggt4d.config.validate`)."""
-
-    def cache_key(self, ctx) -> None:
-        return None
 
     def run(self, ctx) -> None:
         cfg = ctx.cfg
@@ -160,10 +154,3 @@ class MapsStage:
         log.info("maps: cues over bands %s, fusion %s, %d layers of Easi3R maps",
                  {name: [band[0], band[-1]] for name, band in bands.items()},
                  cfg.maps.fusion, len(layers))
-
-    def load(self, ctx) -> None:
-        self.run(ctx)
-
-
-
-

@@ -21,6 +21,7 @@ from PIL import Image
 
 from vggt4d import postprocess
 from vggt4d.io import atomic_write
+from vggt4d.stage import UncachedStage
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +84,13 @@ def empty_weak_frames(binary: np.ndarray, soft: np.ndarray, cfg) -> list[int]:
     return np.flatnonzero(weak).tolist()
 
 
-class MasksStage:
+class MasksStage(UncachedStage):
     """Maps → ``masks/dynamic_{t:04d}.png`` (0/255), ``masks/soft_{t:04d}.png`` and the
     thresholds used in ``masks/binarize.json``."""
 
     name = "masks"
     requires = ("maps", "prediction")
     provides = ("masks",)
-    files: tuple[str, ...] = ()
-
-    def check(self, ctx) -> None:
-        """Choices are checked with the config; binarisation parameters when used."""
 
     def forward_tap(self, ctx):
         """With ``masks.kmeans``: the last block's output patch tokens, (T, h, w, C) float16."""
@@ -120,9 +117,6 @@ class MasksStage:
         return ForwardTap(key={"patch_features": last}, files=(FEATURES_FILE,), save=save,
                           on_tokens=keep, token_layers=frozenset({last}))
 
-    def cache_key(self, ctx) -> None:
-        return None
-
     def run(self, ctx) -> None:
         cfg = ctx.cfg.masks
         prediction = ctx.artifacts["prediction"]
@@ -148,6 +142,3 @@ class MasksStage:
         ctx.artifacts["masks"] = DynamicMasks(soft, binary, thresholds)
         log.info("masks: %s, %.1f%% of pixels dynamic -> %s", cfg.binarize,
                  100 * binary.mean(), folder)
-
-    def load(self, ctx) -> None:
-        self.run(ctx)

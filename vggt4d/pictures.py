@@ -27,6 +27,7 @@ from vggt4d.config import band_layers
 from vggt4d.gram import PAIRS, STATS, stat_key
 from vggt4d.maps import CUES, EASI3R_MAPS, normalize, per_frame_maps
 from vggt4d.postprocess import spatial_gaussian, upsample_bilinear
+from vggt4d.stage import UncachedStage
 from vggt4d.viz import colorize, contact_sheet, overlay_mask, write_png, write_video
 
 log = logging.getLogger(__name__)
@@ -158,20 +159,13 @@ class LayerPicturesStage:
         ctx.artifacts["layer_pictures"] = [ctx.out_dir / name for name in self.files]
 
 
-class PicturesStage:
+class PicturesStage(UncachedStage):
     """Cue, fused-map and overlay series with their videos (the per-layer ones come from
     :class:`LayerPicturesStage`)."""
 
     name = "viz"
     requires = ("maps", "masks", "prediction", "layer_pictures")
     provides: tuple[str, ...] = ()
-    files: tuple[str, ...] = ()
-
-    def check(self, ctx) -> None:
-        """Layers and fps are checked with the config."""
-
-    def cache_key(self, ctx) -> None:
-        return None
 
     def run(self, ctx) -> None:
         cfg = ctx.cfg.viz
@@ -187,6 +181,3 @@ class PicturesStage:
         write_all(ctx.out_dir, series, cfg)
         log.info("viz: cue, fused-map and overlay series%s -> %s",
                  " with videos" if cfg.videos else "", ctx.out_dir)
-
-    def load(self, ctx) -> None:
-        self.run(ctx)

@@ -27,14 +27,16 @@ from vggt4d.masks import MasksStage
 from vggt4d.pictures import LayerPicturesStage, PicturesStage
 from vggt4d.pipeline import Context, JobInfo, execute, resolve
 from vggt4d.predict import PredictStage
+from vggt4d.refine import RefineStage
+from vggt4d.second_pass import SecondPassStage
 from vggt4d.tracking import TrackingStage
 
 log = logging.getLogger("vggt4d")
 
 STAGES: dict[str, type] = {
     stage.name: stage
-    for stage in (FramesStage, PredictStage, GramStage, MapsStage, MasksStage,
-                  LayerPicturesStage, PicturesStage, EvalStage, TrackingStage)
+    for stage in (FramesStage, PredictStage, GramStage, MapsStage, MasksStage, RefineStage,
+                  SecondPassStage, LayerPicturesStage, PicturesStage, EvalStage, TrackingStage)
 }
 """Every stage the runner can compose, by the name used in ``pipeline``."""
 

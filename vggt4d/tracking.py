@@ -24,6 +24,7 @@ import numpy as np
 
 from vggt4d.maps import CUES
 from vggt4d.postprocess import upsample_bilinear
+from vggt4d.stage import UncachedStage
 from vggt4d.viz import colorize
 
 log = logging.getLogger(__name__)
@@ -133,19 +134,12 @@ def log_job(ctx) -> None:
         run.finish()
 
 
-class TrackingStage:
+class TrackingStage(UncachedStage):
     """Logs the job to W&B (``logger.kind=wandb``) after everything else; never fails the job."""
 
     name = "log"
     requires = ("maps", "masks", "metrics", "prediction")
     provides: tuple[str, ...] = ()
-    files: tuple[str, ...] = ()
-
-    def check(self, ctx) -> None:
-        """The logger's settings are checked with the config."""
-
-    def cache_key(self, ctx) -> None:
-        return None
 
     def run(self, ctx) -> None:
         if ctx.cfg.logger.kind == "none":
@@ -157,6 +151,3 @@ class TrackingStage:
                         type(err).__name__, str(err).splitlines()[0] if str(err) else "")
             return
         log.info("log: W&B run written (%s) under %s", ctx.cfg.logger.mode, ctx.out_dir / "wandb")
-
-    def load(self, ctx) -> None:
-        self.run(ctx)

@@ -95,9 +95,28 @@ def gram_engines() -> None:
 SWEEP = ["bands.middle=[1,3],[1,2],[2,3],[2,4]", "bands.deep=[5,5],[4,5]"]
 
 
-def band_sweep() -> None:
+def band_sweep(repeats: int = 3) -> None:
     """Wall time of an 8-point band sweep / one run (da3-small, random weights, the default
-    synthetic scene and pipeline, W&B offline), each from a cold cache. Target ≤ 1.5."""
+    synthetic scene and pipeline, W&B offline), each from a cold cache, interleaved ``repeats``
+    times; medians compared (single pairs vary by ±10 % on a busy 2-core machine). ≤ 1.5."""
+    ones, sweeps, forwards = [], [], []
+    for _ in range(repeats):
+        one, sweep, count = _one_run_and_sweep()
+        ones.append(one)
+        sweeps.append(sweep)
+        forwards.append(count)
+    ratio = statistics.median(sweeps) / statistics.median(ones)
+    write_result("band_sweep", {
+        "setup": "python -m vggt4d.run model=da3-small model.weights=random (12 frames 504x378, "
+                 "full default pipeline incl. pictures, videos and offline W&B), cold caches",
+        "sweep": SWEEP, "one_run_s": [round(t, 2) for t in ones],
+        "sweep_8_jobs_s": [round(t, 2) for t in sweeps], "da3_forwards_per_sweep": forwards,
+        "ratio_of_medians": round(ratio, 3), "target": "<= 1.5", "met": bool(ratio <= 1.5),
+        "rerun_everything_would_be": "about 8",
+    })
+
+
+def _one_run_and_sweep() -> tuple[float, float, int]:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         env = {**os.environ, "HF_HUB_OFFLINE": "1",
@@ -115,14 +134,7 @@ def band_sweep() -> None:
         sweep = timed("-m", *model, *SWEEP, f"cache_dir={root / 'sweep_cache'}",
                       f"hydra.sweep.dir={root / 'sweep'}")
         forwards = len([p for p in (root / "sweep_cache" / "predict").iterdir() if p.is_dir()])
-    ratio = sweep / one
-    write_result("band_sweep", {
-        "setup": "python -m vggt4d.run model=da3-small model.weights=random (12 frames 504x378, "
-                 "full default pipeline incl. pictures, videos and offline W&B), cold caches",
-        "sweep": SWEEP, "one_run_s": round(one, 2), "sweep_8_jobs_s": round(sweep, 2),
-        "da3_forwards_in_sweep": forwards, "ratio": round(ratio, 3), "target": "<= 1.5",
-        "met": bool(ratio <= 1.5), "rerun_everything_would_be": "about 8",
-    })
+    return one, sweep, forwards
 
 
 BENCHMARKS = {"hook": hook_overhead, "gram": gram_engines, "sweep": band_sweep}

@@ -15,6 +15,7 @@ from PIL import Image
 
 from vggt4d.pipeline import JobInfo
 from vggt4d.run import run_job
+from vggt4d.tracking import wait_for_logging
 
 FAST = ["model=da3-small", "model.weights=random", "data.num_frames=3", "process_res=112",
         "viz.fps=5"]
@@ -32,7 +33,9 @@ def _job(tmp_path: Path, *overrides: str, job: JobInfo | None = None, name: str 
     with initialize_config_module("conf", version_base="1.3"):
         cfg = compose("config", overrides=[*FAST, f"cache_dir={tmp_path / 'cache'}",
                                            *overrides])
-    return run_job(cfg, tmp_path / name, job)
+    ctx = run_job(cfg, tmp_path / name, job)
+    wait_for_logging()
+    return ctx
 
 
 def _records(run_dir: Path) -> list[dict]:

@@ -225,6 +225,8 @@ class LoggerConfig:
     project: str = "vggt4d"
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
+    background: bool = True
+    """Write the run from a background thread (overlaps the next sweep job)."""
 
 
 @dataclass

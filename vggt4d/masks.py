@@ -40,7 +40,7 @@ class DynamicMasks:
 def write_mask_png(path, mask: np.ndarray) -> None:
     """A (H, W) bool mask as a 0/255 greyscale PNG, atomically."""
     image = Image.fromarray(mask.astype(np.uint8) * 255)
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", compress_level=1))
 
 
 SPATIAL_TRUNCATE = 2.0
@@ -136,7 +136,8 @@ class MasksStage(UncachedStage):
             write_mask_png(folder / f"dynamic_{t:04d}.png", binary[t])
             soft_png = Image.fromarray((np.clip(soft[t], 0, 1) * 255).round().astype(np.uint8))
             atomic_write(folder / f"soft_{t:04d}.png",
-                         lambda tmp, image=soft_png: image.save(tmp, format="PNG"))
+                         lambda tmp, image=soft_png: image.save(tmp, format="PNG",
+                                                                compress_level=1))
         atomic_write(folder / "binarize.json",
                      lambda tmp: tmp.write_text(json.dumps(thresholds, indent=2) + "\n"))
         ctx.artifacts["masks"] = DynamicMasks(soft, binary, thresholds)

@@ -29,7 +29,7 @@ from vggt4d.pipeline import Context, JobInfo, execute, resolve
 from vggt4d.predict import PredictStage
 from vggt4d.refine import RefineStage
 from vggt4d.second_pass import SecondPassStage
-from vggt4d.tracking import TrackingStage
+from vggt4d.tracking import TrackingStage, wait_for_logging
 
 log = logging.getLogger("vggt4d")
 
@@ -59,6 +59,14 @@ def run_job(cfg: DictConfig, out_dir: Path, job: JobInfo | None = None) -> Conte
     return ctx
 
 
+def sequential_jobs_follow() -> bool:
+    """True inside a multirun of Hydra's basic launcher, whose next job runs in this process:
+    this job's W&B logging may then overlap it (the interpreter still waits at exit)."""
+    hydra_cfg = HydraConfig.get()
+    return (hydra_cfg.mode == RunMode.MULTIRUN
+            and hydra_cfg.launcher._target_.endswith("BasicLauncher"))
+
+
 def hydra_job() -> JobInfo:
     """Run name from the overrides; in a multirun, the sweep directory names the group."""
     hydra_cfg = HydraConfig.get()
@@ -78,6 +86,9 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {err}", file=sys.stderr)
         remove_if_no_results(out_dir)
         sys.exit(2)
+    finally:
+        if not sequential_jobs_follow():
+            wait_for_logging()
     print(f"outputs: {out_dir}")
 
 

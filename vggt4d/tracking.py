@@ -11,13 +11,17 @@ dashboard; one history step per frame, so W&B's step slider scrubs through the c
   per-frame table ``metrics/per_frame``;
 - ``maps/contact/<statistic>`` contact sheets and ``videos/<series>`` from the pictures stage.
 Logging never fails a job: a W&B error is reported once as a warning, the run is finished, and
-the files on disk are complete either way.
+the files on disk are complete either way. With ``logger.background`` (default) the run is
+written by one background thread, so in a sweep a job's logging overlaps the next job's work;
+:func:`wait_for_logging` (called at the end of every job that is not followed by another in the
+same process, and at interpreter exit) waits for it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +34,15 @@ from vggt4d.viz import colorize
 log = logging.getLogger(__name__)
 
 CLASS_LABELS = {0: "static", 1: "dynamic"}
+
+_WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wandb-log")
+_PENDING: list[Future] = []
+
+
+def wait_for_logging() -> None:
+    """Block until every W&B run handed to the background writer is finished."""
+    while _PENDING:
+        _PENDING.pop(0).result()
 
 
 def run_tags(cfg) -> list[str]:
@@ -144,10 +157,18 @@ class TrackingStage(UncachedStage):
     def run(self, ctx) -> None:
         if ctx.cfg.logger.kind == "none":
             return
-        try:
-            log_job(ctx)
-        except Exception as err:  # W&B must never cost the user the job's results
-            log.warning("W&B logging failed (%s: %s); the files on disk are complete",
-                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
-            return
-        log.info("log: W&B run written (%s) under %s", ctx.cfg.logger.mode, ctx.out_dir / "wandb")
+        if ctx.cfg.logger.background:
+            _PENDING.append(_WRITER.submit(log_safely, ctx))
+        else:
+            log_safely(ctx)
+
+
+def log_safely(ctx) -> None:
+    """:func:`log_job`, turning any W&B failure into one warning."""
+    try:
+        log_job(ctx)
+    except Exception as err:  # W&B must never cost the user the job's results
+        log.warning("W&B logging failed (%s: %s); the files on disk are complete",
+                    type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        return
+    log.info("log: W&B run written (%s) under %s", ctx.cfg.logger.mode, ctx.out_dir / "wandb")

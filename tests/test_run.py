@@ -128,6 +128,9 @@ def _images(folder: Path, count: int) -> Path:
     ("window_longer_than_clip", "without source frames"),
     ("empty_band", "bands.deep=[5, 3]"),
     ("eval_gt_missing", "eval.gt_path"),
+    ("pairs_for_maps", "needs qq, kk and qk"),
+    ("layers_for_bands", "lacks layers [0, 5]"),
+    ("area_fraction", "second_pass.area_fraction=2.0"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, case, needle):
     overrides = {
@@ -143,6 +146,9 @@ def test_bad_input_is_one_clear_line(tmp_path, case, needle):
                                     "gram.include_self=false"],
         "empty_band": ["bands.deep=[5,3]"],
         "eval_gt_missing": [f"eval.gt_path={tmp_path / 'no_annotations'}"],
+        "pairs_for_maps": ["gram.pairs=[qq,kk]"],
+        "layers_for_bands": ["gram.layers=[1,2,3]"],
+        "area_fraction": ["pipeline=[second_pass]", "second_pass.area_fraction=2"],
     }[case]
     if case == "unreadable_image":
         (tmp_path / "broken" / "001.png").write_bytes(b"garbage")

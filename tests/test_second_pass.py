@@ -35,7 +35,7 @@ class NoisyKeysValues(torch.nn.Module):
         return out + noise * self.rows.reshape(out.shape[0], out.shape[1], 1)
 
 
-def _attention_outputs(net, images, layer, key_mask, noisy_rows=None):
+def _attention_outputs(net, images, layer, key_mask, noisy_rows=None, strategy="first"):
     block = net.backbone.pretrained.blocks[layer]
     seen = {}
     handle = block.attn.register_forward_hook(
@@ -45,7 +45,7 @@ def _attention_outputs(net, images, layer, key_mask, noisy_rows=None):
         block.attn.qkv = NoisyKeysValues(original, noisy_rows)
     try:
         with torch.inference_mode(), capture_attention(net, key_mask=key_mask):
-            net(images, export_feat_layers=[], ref_view_strategy="first")
+            net(images, export_feat_layers=[], ref_view_strategy=strategy)
     finally:
         block.attn.qkv = original
         handle.remove()
@@ -64,6 +64,21 @@ def test_outputs_do_not_depend_on_hidden_keys_and_values(small_net, clip_images,
     # control: without the mask the same noise changes the outputs
     unmasked = _attention_outputs(small_net, clip_images, layer, None, rows)
     assert (unmasked["out"] - clean["out"]).abs().max() > 1e-2 or not drop.any()
+
+
+@pytest.mark.parametrize("layer", [3, 5])  # both run after DA3 moved its reference view first
+def test_hidden_tokens_follow_their_frames_through_da3_reordering(small_net, layer):
+    from test_hook import _images_with_reordering, _reference_permutation
+
+    images, ref = _images_with_reordering(small_net)
+    order = _reference_permutation(FRAMES, ref)  # order[position] = input frame
+    drop = _drop(layer + 10)
+    internal = drop[order].float()  # the noise is added where DA3 holds those tokens
+    rows = internal.reshape(1, -1) if layer == 5 else internal
+    key_mask = KeyMask(drop, frozenset({layer}))
+    clean = _attention_outputs(small_net, images, layer, key_mask, strategy="saddle_balanced")
+    noisy = _attention_outputs(small_net, images, layer, key_mask, rows, "saddle_balanced")
+    torch.testing.assert_close(noisy["out"], clean["out"], rtol=0, atol=1e-5)
 
 
 def test_masked_attention_equals_a_manual_masked_softmax(small_net, clip_images):

@@ -15,7 +15,6 @@ from vggt4d.videos import find_series, main, make_all_videos
 from vggt4d.viz import (
     colorize,
     contact_sheet,
-    heat_overlay,
     overlay_mask,
     side_by_side,
     write_png,
@@ -96,14 +95,8 @@ def test_overlay_mask_blends_inside_and_leaves_outside_untouched():
     assert np.array_equal(plain[mask], expected[mask].astype(np.uint8))
 
 
-def test_heat_overlay_and_side_by_side():
+def test_side_by_side():
     frame = np.full((28, 42, 3), 100, dtype=np.uint8)
-    values = np.linspace(0, 1, 6).reshape(2, 3)  # patch-grid sized: resized to the frame
-    out = heat_overlay(frame, values, alpha=1.0)
-    assert out.shape == frame.shape and out.dtype == np.uint8
-    assert not np.array_equal(out[0, 0], out[-1, -1])
-    assert np.array_equal(heat_overlay(frame, values, alpha=0.0), frame)
-
     small = np.zeros((14, 10, 3), dtype=np.uint8)
     joined = side_by_side([frame, small], gap=4)
     assert joined.shape == (28, 42 + 4 + 20, 3)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from vggt4d.io import link_or_copy
+from vggt4d.io import current_umask, link_or_copy
 
 
 def content_key(*parts: object) -> str:
@@ -63,6 +63,7 @@ class Cache:
             return
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{key}."))
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; cluster jobs share it
         try:
             for name in names:
                 link_or_copy(out_dir / name, tmp / name)

@@ -15,7 +15,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import MissingMandatoryValue, ValidationError
 
 from vggt4d.errors import UserError
 from vggt4d.refine import RefineSettings
@@ -446,6 +446,9 @@ def validate(cfg: DictConfig) -> RunConfig:
     except MissingMandatoryValue as err:
         key = err.full_key
         raise UserError(f"{key} is required: set it on the command line, e.g. {key}=...") from None
+    except ValidationError as err:
+        reason = str(err).splitlines()[0]
+        raise UserError(f"{err.full_key or 'config'}: {reason}") from None
     _check_model(run.model)
     _check_data(run.data)
     map_layers_to_model(run)

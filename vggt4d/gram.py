@@ -208,7 +208,7 @@ def moments_statistics_shared(xs: Sequence[Tensor], y: Tensor,
             mu, cov, count = pair_moments.window(window)
         else:
             mu, cov, count = _spatial_moments(y, window)
-        mu, cov = mu.to(y.dtype), cov.to(y.dtype)
+        mu, cov = mu.to(torch.float32), cov.to(torch.float32)
         correction = factor**2 * count / max(count - 1, 1)
         for x, (mean_out, var_out) in zip(xs, outputs, strict=True):
             for batch in range(0, len(refs), REFERENCE_BATCH):
@@ -291,13 +291,13 @@ def dense_statistics(x: Tensor, y: Tensor, windows: Sequence[tuple[int, ...]], *
 def layer_statistics(q: Tensor, k: Tensor, windows: Sequence[tuple[int, ...]], *,
                      factor: float, spec: GramSpec) -> dict[str, tuple[Tensor, Tensor]]:
     """Mean and var (T, G, P) of each configured pair from patch Q, K (T, H, P, d)."""
-    vectors = {"q": group_heads(q, spec.heads), "k": group_heads(k, spec.heads)}
+    vectors = {"q": group_heads(q.float(), spec.heads), "k": group_heads(k.float(), spec.heads)}
     results = {}
     for source in "qk":
         pairs = [pair for pair in spec.pairs if pair[1] == source]
         if not pairs:
             continue
-        xs = [vectors[pair[0]] for pair in pairs]
+        xs = [vectors[pair[0]].float() for pair in pairs]
         if spec.engine == "chunked":
             stats = [chunked_statistics(x, vectors[source], windows, factor=factor,
                                         variance=spec.variance, chunk_size=spec.chunk_size)
@@ -364,7 +364,8 @@ class GramCollector:
                                 f"{capture.layer}; try dtype=fp32 or another checkpoint")
         start = special_token_count(layout.tokens_per_frame, layout.grid, self.patch_start_idx)
         self.grid = layout.grid
-        return q[:, :, start:], k[:, :, start:]
+        # bf16/fp16 forwards: the statistics are sums over thousands of products, so fp32 here
+        return q[:, :, start:].float(), k[:, :, start:].float()
 
     def _store(self, q: Tensor, k: Tensor, windows, factor: float, key) -> None:
         for pair, (mean, var) in layer_statistics(q, k, windows, factor=factor,

@@ -63,6 +63,26 @@ class _ClipState:
     """``order[p]``: input frame at DA3's internal position ``p`` (None: identity)."""
     inverse_order: Tensor | None = None
     """``inverse_order[t]``: position of input frame ``t`` in DA3's order (None: identity)."""
+    drop: Tensor | None = None
+    """The key mask's ``(T, N)`` tokens to hide, on the clip's device (None: nothing hidden)."""
+    _keep: dict[bool, Tensor] = field(default_factory=dict)
+
+    def set_order(self, order: Tensor | None) -> None:
+        self.order = order
+        self.inverse_order = None if order is None else torch.argsort(order)
+        self._keep.clear()
+
+    def keep_keys(self, is_global: bool) -> Tensor | None:
+        """SDPA boolean mask (True = may attend) hiding the dropped keys, broadcast over the
+        queries: ``(T, 1, 1, N)`` in a per-frame block, ``(1, 1, 1, T·N)`` in a global one, in
+        DA3's current frame order; None when nothing is hidden (exactly the plain forward)."""
+        if self.drop is None:
+            return None
+        if is_global not in self._keep:
+            keep = ~self.to_internal_order(self.drop)
+            self._keep[is_global] = (keep.reshape(1, 1, 1, -1) if is_global
+                                     else keep[:, None, None, :])
+        return self._keep[is_global]
 
     def to_input_order(self, frames_first: Tensor) -> Tensor:
         """Reorder a ``(T, ...)`` tensor from DA3's internal frame order to input order."""
@@ -140,16 +160,6 @@ def is_global_block(layer: int, alt_start: int) -> bool:
     return alt_start != -1 and layer >= alt_start and layer % 2 == 1
 
 
-def _keep_keys(drop: Tensor, is_global: bool, state: _ClipState) -> Tensor | None:
-    """SDPA boolean mask (True = may attend) hiding the dropped keys, broadcast over queries:
-    ``(T, 1, 1, N)`` for a per-frame block, ``(1, 1, 1, T·N)`` for a global one; None when
-    nothing is dropped, so masking nothing is exactly the plain forward."""
-    if not bool(drop.any()):
-        return None
-    keep = ~state.to_internal_order(drop)
-    return keep.reshape(1, 1, 1, -1) if is_global else keep[:, None, None, :]
-
-
 def _attention_with_capture(
     attn: nn.Module, layer: int, is_global: bool, state: _ClipState,
     consumer: QKConsumer | None, key_mask: KeyMask | None,
@@ -168,11 +178,13 @@ def _attention_with_capture(
         if consumer is not None:
             consumer(BlockQK(layer, is_global, state.layout, q, k, state))
         mask = attn_mask[:, None].repeat(1, heads, 1, 1) if attn_mask is not None else None
-        keep = _keep_keys(key_mask.drop.to(x.device), is_global, state) if key_mask else None
-        if keep is not None:
-            hidden = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(
-                ~keep, float("-inf"))
-            mask = keep if mask is None else mask + hidden
+        keep = state.keep_keys(is_global) if key_mask else None
+        if keep is not None and mask is None:
+            mask = keep
+        elif keep is not None and mask.dtype == torch.bool:
+            mask = mask & keep
+        elif keep is not None:
+            mask = mask.masked_fill(~keep, float("-inf"))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(batch, tokens, channels)))
 
@@ -217,17 +229,20 @@ def capture_attention(
         grid = (height // PATCH_SIZE, width // PATCH_SIZE)
         state.layout = FrameLayout(frames, vit.patch_start_idx + grid[0] * grid[1],
                                    vit.patch_start_idx, grid)
-        state.order = state.inverse_order = None
-        expected = (frames, state.layout.tokens_per_frame)
-        if key_mask is not None and tuple(key_mask.drop.shape) != expected:
-            raise ValueError(f"key mask of shape {tuple(key_mask.drop.shape)} does not fit "
-                             f"{frames} frames of {expected[1]} tokens")
+        state.set_order(None)
+        state.drop = None
+        if key_mask is not None:
+            expected = (frames, state.layout.tokens_per_frame)
+            if tuple(key_mask.drop.shape) != expected:
+                raise ValueError(f"key mask of shape {tuple(key_mask.drop.shape)} does not fit "
+                                 f"{frames} frames of {expected[1]} tokens")
+            if bool(key_mask.drop.any()):
+                state.drop = key_mask.drop.to(images.device)
 
     def recording_select(x: Tensor, *args, **kwargs) -> Tensor:
         ref_index = original_select(x, *args, **kwargs)
         positions = torch.arange(x.shape[1], device=ref_index.device).view(1, -1, 1, 1)
-        state.order = reorder_by_reference(positions, ref_index)[0, :, 0, 0]
-        state.inverse_order = torch.argsort(state.order)
+        state.set_order(reorder_by_reference(positions, ref_index)[0, :, 0, 0])
         return ref_index
 
     def report_tokens(layer: int, is_global: bool) -> Callable:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from vggt4d.config import MapsConfig, cue_bands
+from vggt4d.errors import UserError
 from vggt4d.gram import band_key, stat_key
 from vggt4d.io import atomic_write
 from vggt4d.stage import UncachedStage
@@ -138,6 +139,25 @@ class MapsStage(UncachedStage):
     name = "maps"
     requires = ("gram_stats",)
     provides = ("maps",)
+
+    def check(self, ctx) -> None:
+        """The cues need all three pairs, and every layer they read must be computed."""
+        cfg = ctx.cfg
+        if set(cfg.gram.pairs) != {"qq", "kk", "qk"}:
+            raise UserError(f"gram.pairs={list(cfg.gram.pairs)}: the maps stage needs qq, kk "
+                            f"and qk")
+        if not cfg.gram.layers:
+            return
+        needed = set()
+        if cfg.maps.band_mode == "mean_of_layers":
+            needed |= {layer for band in cue_bands(cfg).values() for layer in band}
+        if cfg.maps.mix_inv_similarity:
+            needed |= set(cfg.maps.std_layers or
+                          {layer for band in cue_bands(cfg).values() for layer in band})
+        missing = sorted(needed - set(cfg.gram.layers))
+        if missing:
+            raise UserError(f"gram.layers={list(cfg.gram.layers)} lacks layers {missing} that "
+                            f"the bands / maps.std_layers use; add them or set gram.layers=[]")
 
     def run(self, ctx) -> None:
         cfg = ctx.cfg

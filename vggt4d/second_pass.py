@@ -76,10 +76,17 @@ class SecondPassStage:
                             f"blocks 0-{ctx.cfg.model.num_blocks - 1}")
         if cfg.patch_rule not in ("any", "area"):
             raise UserError(f"second_pass.patch_rule='{cfg.patch_rule}' is not one of any, area")
+        if not 0 <= cfg.area_fraction < 1:
+            raise UserError(f"second_pass.area_fraction={cfg.area_fraction} must be in [0, 1)")
         self.device = resolve_device(ctx.cfg.device, ctx.job.num)
         self.dtype = resolve_dtype(ctx.cfg.dtype, self.device)
 
     def _drop(self, ctx) -> torch.Tensor:
+        if getattr(self, "drop", None) is None:
+            self.drop = self._compute_drop(ctx)
+        return self.drop
+
+    def _compute_drop(self, ctx) -> torch.Tensor:
         cfg = ctx.cfg.second_pass
         masks = ctx.artifacts.get("refined_masks", ctx.artifacts["masks"]).binary
         prediction = ctx.artifacts["prediction"]

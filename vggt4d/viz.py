@@ -93,16 +93,6 @@ def overlay_mask(frame: np.ndarray, mask: np.ndarray, color: Sequence[int] = (25
     return out
 
 
-def heat_overlay(frame: np.ndarray, values: np.ndarray, alpha: float = 0.5, cmap: str = "jet",
-                 vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
-    """``frame`` blended with ``colorize(values)``; a map of another size (e.g. the patch grid)
-    is colourised first, then resized bilinearly to the frame."""
-    frame = _as_rgb_uint8(frame, "frame")
-    heat = _resize_rgb(colorize(values, cmap, vmin, vmax), *frame.shape[:2])
-    blended = (1.0 - alpha) * frame.astype(np.float64) + alpha * heat.astype(np.float64)
-    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
-
-
 def contact_sheet(panels: list[np.ndarray], labels: list[str], title: str,
                   columns: int | None = None) -> np.ndarray:
     """All ``panels`` in a grid, each labelled underneath, ``title`` on top → (H, W, 3) uint8.

@@ -130,7 +130,8 @@ def boundary_f(
     return float(2 * precision * recall / (precision + recall))
 
 
-def _resize_nearest(masks: np.ndarray, height: int, width: int) -> np.ndarray:
+def resize_masks(masks: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(T, h, w) bool masks → (T, height, width), nearest neighbour."""
     frames = [
         np.asarray(
             Image.fromarray(frame.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)
@@ -177,7 +178,7 @@ def score_sequence(
             width,
             height,
         )
-        preds = _resize_nearest(preds, height, width)
+        preds = resize_masks(preds, height, width)
     j = [float(jaccard(p, g, empty_score)) for p, g in zip(preds, gts, strict=True)]
     f = [float(boundary_f(p, g, bound_th, empty_score)) for p, g in zip(preds, gts, strict=True)]
     j_arr, f_arr = np.asarray(j), np.asarray(f)
@@ -444,7 +445,7 @@ class EvalStage(UncachedStage):
                      "wrote unsupervised figures only")
         else:
             for name, masks in stages.items():
-                scores = score_sequence(_resize_nearest(masks, *truth.shape[1:3]), truth,
+                scores = score_sequence(resize_masks(masks, *truth.shape[1:3]), truth,
                                         bound_th=cfg.bound_th, empty_score=cfg.empty_score)
                 metrics[name] = {key: scores[key] for key in ("JM", "JR", "FM", "FR")}
                 metrics[name]["per_frame"] = {"J": scores["J"], "F": scores["F"]}

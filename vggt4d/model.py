@@ -9,6 +9,7 @@ key with ``model.``; loading strips it and is strict.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -32,12 +33,17 @@ PRESET_OF_DINO = {
 
 
 def build_network(name: str, *, empty: bool = False) -> nn.Module:
-    """The DA3 network ``name`` in eval mode; ``empty`` builds it on the meta device (no memory)."""
-    config = load_config(MODEL_REGISTRY[name])
+    """The DA3 network ``name`` in eval mode; ``empty`` gives the shared meta-device copy (no
+    memory, built once per process) for inspecting its structure — never run or modify it."""
     if empty:
-        with init_empty_weights():
-            return create_object(config).eval()
-    return create_object(config).eval()
+        return _empty_network(name)
+    return create_object(load_config(MODEL_REGISTRY[name])).eval()
+
+
+@functools.cache
+def _empty_network(name: str) -> nn.Module:
+    with init_empty_weights():
+        return create_object(load_config(MODEL_REGISTRY[name])).eval()
 
 
 def depth_table(net: nn.Module, hooked_network: str) -> dict[str, object]:

@@ -82,11 +82,6 @@ class SecondPassStage:
         self.dtype = resolve_dtype(ctx.cfg.dtype, self.device)
 
     def _drop(self, ctx) -> torch.Tensor:
-        if getattr(self, "drop", None) is None:
-            self.drop = self._compute_drop(ctx)
-        return self.drop
-
-    def _compute_drop(self, ctx) -> torch.Tensor:
         cfg = ctx.cfg.second_pass
         masks = ctx.artifacts.get("refined_masks", ctx.artifacts["masks"]).binary
         prediction = ctx.artifacts["prediction"]
@@ -105,14 +100,14 @@ class SecondPassStage:
 
     def cache_key(self, ctx) -> str:
         frames = ctx.artifacts["processed_frames"]
-        drop = self._drop(ctx)
+        self.drop = drop = self._drop(ctx)
         return content_key(*forward_identity(ctx, frames, self.device, self.dtype),
                            hashlib.sha256(drop.numpy().tobytes()).hexdigest(),
                            sorted(ctx.cfg.second_pass.layers))
 
     def run(self, ctx) -> None:
         frames = ctx.artifacts["processed_frames"]
-        key_mask = KeyMask(self._drop(ctx), frozenset(ctx.cfg.second_pass.layers))
+        key_mask = KeyMask(self.drop, frozenset(ctx.cfg.second_pass.layers))
         net = prepare_network(ctx, frames, self.device, self.dtype, "second pass")
         prediction = run_forward(net, frames, device=self.device, dtype=self.dtype,
                                  hooked_network=ctx.cfg.model.hooked_network,

@@ -75,9 +75,9 @@ def frame_records(ctx) -> list[dict]:
     series["dynamic"] = ("fused_frame{t:03d}_final_mask.png", maps.dynamic)
     truth = None
     if clip is not None and clip.ground_truth is not None:
-        from vggt4d.evaluate import _resize_nearest
+        from vggt4d.evaluate import resize_masks
 
-        truth = _resize_nearest(clip.ground_truth.dynamic_masks, *size)
+        truth = resize_masks(clip.ground_truth.dynamic_masks, *size)
     per_frame = metrics.get("per_frame", {})
     area = metrics["unsupervised"]["area_fraction_per_frame"]
     records = []

@@ -13,14 +13,13 @@ import math
 import numpy as np
 import pytest
 
+from vggt4d.cameras import backproject, project
 from vggt4d.errors import UserError
 from vggt4d.postprocess import morphology
 from vggt4d.refine import (
     OCCLUSION_TOLERANCE,
     RefineSettings,
-    backproject,
     cluster_scores,
-    project,
     refine_masks,
     statistical_inliers,
 )

@@ -3,7 +3,9 @@
 ``prediction.npz`` holds, for T frames at the processing size (H, W):
 depth (T, H, W) float32; conf (T, H, W) float32 — DA3's ``1 + exp(x)``, so always ≥ 1;
 extrinsics (T, 3, 4) world-to-camera (OpenCV); intrinsics (T, 3, 3) in processing-size pixels;
-frames (T, H, W, 3) uint8, the processed frames; grid (2,) the patch grid (h, w).
+frames (T, H, W, 3) uint8, the processed frames; grid (2,) the patch grid (h, w);
+sky (T, H, W) float32, present only for models with a sky head (da3mono/da3metric, and the
+nested model through its metric branch): DA3 calls a pixel sky when this is ≥ 0.3.
 """
 
 from __future__ import annotations
@@ -64,10 +66,13 @@ class Prediction:
     intrinsics: np.ndarray
     frames: np.ndarray
     grid: tuple[int, int]
+    sky: np.ndarray | None = None
 
     def save(self, path: Path) -> Path:
         arrays = {name: getattr(self, name)
                   for name in ("depth", "conf", "extrinsics", "intrinsics", "frames")}
+        if self.sky is not None:
+            arrays["sky"] = self.sky
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as handle:
@@ -80,7 +85,29 @@ class Prediction:
         with np.load(path) as data:
             fields = {name: data[name] for name in
                       ("depth", "conf", "extrinsics", "intrinsics", "frames")}
-            return cls(grid=tuple(int(v) for v in data["grid"]), **fields)
+            sky = data.get("sky")
+            return cls(grid=tuple(int(v) for v in data["grid"]), sky=sky, **fields)
+
+
+@contextlib.contextmanager
+def sky_capture(net: nn.Module):
+    """Yield a dict that receives ``"sky"`` (B, S, H, W) from the nested model's metric branch,
+    whose sky map DA3 uses internally but does not return."""
+    captured: dict[str, torch.Tensor] = {}
+    metric = getattr(net, "da3_metric", None)
+    if metric is None:
+        yield captured
+        return
+
+    def keep_sky(_module: nn.Module, _inputs: object, output: dict) -> None:
+        if "sky" in output:
+            captured["sky"] = output["sky"]
+
+    handle = metric.register_forward_hook(keep_sky)
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager
@@ -130,9 +157,11 @@ def run_forward(
                                key_mask=key_mask)
              if hooked else contextlib.nullcontext())
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    with hooks, autocast, block_progress(net, hooked_network, progress):
+    with hooks, autocast, block_progress(net, hooked_network, progress), \
+            sky_capture(net) as metric_branch:
         output = net(images, extrinsics=None, intrinsics=None, export_feat_layers=[],
                      ref_view_strategy=ref_view_strategy)
+    sky = output.get("sky", metric_branch.get("sky"))
 
     def numpy(name: str) -> np.ndarray:
         return output[name][0].float().cpu().numpy()
@@ -144,6 +173,7 @@ def run_forward(
         intrinsics=numpy("intrinsics"),
         frames=frames,
         grid=(height // PATCH_SIZE, width // PATCH_SIZE),
+        sky=None if sky is None else sky[0].float().cpu().numpy(),
     )
 
 

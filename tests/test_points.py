@@ -1,0 +1,142 @@
+"""Scene points: back-projection, normals, filters and the encoder frame, against analytic answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from vggt4d.errors import UserError
+from vggt4d.points import PointsSettings, estimate_normals, scene_points
+from vggt4d.predict import sky_capture
+from vggt4d.synthetic import ROOM_MAX, ROOM_MIN, SyntheticConfig, render_scene
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return render_scene(SyntheticConfig(num_frames=3, width=96, height=72, object_speed=0.0,
+                                        num_objects=1))
+
+
+def all_pixels(**kwargs) -> PointsSettings:
+    return PointsSettings(conf_percentile=0.0, **kwargs)
+
+
+def test_points_lie_on_the_room_or_the_sphere_with_their_frames_colours(scene):
+    cloud = scene_points(scene.depth, np.ones_like(scene.depth), scene.frames, scene.intrinsics,
+                         scene.extrinsics, all_pixels(up="none"), "metric")
+    pts = cloud.points
+    assert len(pts) == scene.depth.size and cloud.scale == 1.0
+    room = pts.coord[scene.object_ids.reshape(-1)[pts.pixel] == 0].astype(np.float64)
+    # distance of a point inside the box to the nearest face
+    to_face = np.minimum(room - ROOM_MIN, ROOM_MAX - room).min(axis=1)
+    assert np.abs(to_face).max() < 1e-4
+    centre, radius = scene.object_centers[0, 0], scene.object_radii[0]
+    sphere = pts.coord[scene.object_ids.reshape(-1)[pts.pixel] == 1]
+    assert np.abs(np.linalg.norm(sphere - centre, axis=1) - radius).max() < 1e-4
+    t, v, u = np.unravel_index(pts.pixel, scene.depth.shape)
+    np.testing.assert_array_equal(pts.color, scene.frames[t, v, u])
+    np.testing.assert_array_equal(pts.frame, t)
+
+
+def test_normals_of_a_tilted_plane_face_the_camera():
+    """Camera at the origin looking down +z at the plane z = 2 + 0.5 x."""
+    height, width, focal = 40, 50, 45.0
+    k_mat = np.array([[focal, 0, width / 2], [0, focal, height / 2], [0, 0, 1]])
+    v, u = np.mgrid[0:height, 0:width]
+    ray_x = (u + 0.5 - width / 2) / focal
+    depth = (2.0 / (1.0 - 0.5 * ray_x))[None]
+    world = np.stack([ray_x * depth[0], (v + 0.5 - height / 2) / focal * depth[0], depth[0]],
+                     axis=-1)[None]
+    normals = estimate_normals(world, depth, np.ones_like(depth, bool), np.zeros((1, 3)), 0.05)
+    expected = np.array([0.5, 0.0, -1.0]) / np.linalg.norm([0.5, 0.0, -1.0])
+    np.testing.assert_allclose(normals[0, 1:-1, 1:-1], np.broadcast_to(
+        expected, normals[0, 1:-1, 1:-1].shape), atol=1e-5)
+    assert not normals[0, 0].any() and not normals[0, :, -1].any()
+
+
+def test_z_up_puts_the_floor_lowest_with_upward_normals(scene):
+    cloud = scene_points(scene.depth, np.ones_like(scene.depth), scene.frames, scene.intrinsics,
+                         scene.extrinsics, all_pixels(), "metric")
+    pts = cloud.points
+    world_y = -pts.coord[:, 2]  # z up = −y down
+    floor = np.isclose(world_y, ROOM_MAX[1], atol=1e-4)
+    ceiling = np.isclose(world_y, ROOM_MIN[1], atol=1e-4)
+    assert floor.sum() > 100 and ceiling.sum() > 100
+    # away from the walls, where a pixel's neighbours may lie on another face
+    inner = ((np.abs(pts.coord[:, 0]) < ROOM_MAX[0] - 0.6) & (pts.coord[:, 1] > ROOM_MIN[2] + 0.6)
+             & (pts.coord[:, 1] < ROOM_MAX[2] - 0.6))
+    has_normal = (np.linalg.norm(pts.normal, axis=1) > 0.5) & inner
+    assert np.abs(pts.normal[floor & has_normal] - [0, 0, 1]).max() < 1e-3
+    assert np.abs(pts.normal[ceiling & has_normal] - [0, 0, -1]).max() < 1e-3
+    np.testing.assert_allclose(cloud.world_to_scene[:3, :3],
+                               [[1, 0, 0], [0, 0, 1], [0, -1, 0]])
+
+
+def test_median_depth_scale_and_metric_only_for_metric_models(scene):
+    cloud = scene_points(scene.depth, np.ones_like(scene.depth), scene.frames, scene.intrinsics,
+                         scene.extrinsics, all_pixels(median_depth=3.0), "median_depth")
+    assert cloud.scale == pytest.approx(3.0 / np.median(scene.depth))
+    assert PointsSettings().scale_mode("da3nested-giant-large") == "metric"
+    assert PointsSettings().scale_mode("da3-small") == "median_depth"
+    with pytest.raises(UserError, match="points.scale=metric needs a metric model"):
+        PointsSettings(scale="metric").scale_mode("da3-small")
+
+
+def test_confidence_percentile_and_sky_filter_exactly_those_pixels(scene):
+    rng = np.random.default_rng(0)
+    conf = 1.0 + np.exp(rng.normal(size=scene.depth.shape))  # DA3's range: always >= 1
+    sky = rng.uniform(size=scene.depth.shape)
+    cloud = scene_points(scene.depth, conf, scene.frames, scene.intrinsics, scene.extrinsics,
+                         PointsSettings(conf_percentile=20.0, sky_threshold=0.7), "metric",
+                         sky=sky)
+    ranked = np.sort(conf[sky < 0.7])
+    expected = (sky < 0.7) & (conf >= ranked[int(np.ceil(0.2 * (len(ranked) - 1)))])
+    np.testing.assert_array_equal(cloud.kept, expected)
+    np.testing.assert_array_equal(np.flatnonzero(expected), cloud.points.pixel)
+
+
+def test_subsample_keeps_at_most_n_per_frame_reproducibly(scene):
+    cloud = scene_points(scene.depth, np.ones_like(scene.depth), scene.frames, scene.intrinsics,
+                         scene.extrinsics, all_pixels(), "metric")
+    first = cloud.points.subsample(500, seed=3)
+    again = cloud.points.subsample(500, seed=3)
+    np.testing.assert_array_equal(np.bincount(first.frame), [500, 500, 500])
+    np.testing.assert_array_equal(first.pixel, again.pixel)
+    assert not np.array_equal(first.pixel, cloud.points.subsample(500, seed=4).pixel)
+
+
+def test_nothing_left_after_filtering_is_one_clear_error(scene):
+    with pytest.raises(UserError, match="no point is left after filtering"):
+        scene_points(scene.depth, np.ones_like(scene.depth), scene.frames, scene.intrinsics,
+                     scene.extrinsics, PointsSettings(), "metric",
+                     sky=np.ones_like(scene.depth))
+
+
+@pytest.mark.parametrize(("key", "value"), [("conf_percentile", 100.0), ("sky_threshold", 0.0),
+                                            ("max_per_frame", -1), ("scale", "metres"),
+                                            ("up", "y"), ("median_depth", 0.0)])
+def test_bad_points_settings_are_refused(key, value):
+    with pytest.raises(UserError, match=f"points.{key}"):
+        PointsSettings(**{key: value}).validate()
+
+
+def test_sky_of_the_nested_models_metric_branch_is_captured():
+    class Branch(nn.Module):
+        def forward(self, x):
+            return {"depth": x, "sky": x * 2}
+
+    class Nested(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.da3_metric = Branch()
+
+        def forward(self, x):
+            return {"depth": self.da3_metric(x)["depth"]}
+
+    net, x = Nested(), torch.rand(1, 2, 4, 4)
+    with sky_capture(net) as captured:
+        net(x)
+    torch.testing.assert_close(captured["sky"], x * 2)
+    assert not net.da3_metric._forward_hooks

@@ -45,11 +45,14 @@ from vggt4d.errors import UserError
 __all__ = [
     "MAX_CELLS",
     "Voxels",
+    "cell_index",
     "fnv_hash",
     "group",
+    "group_by_key",
     "ravel_hash",
     "sample_test",
     "sample_train",
+    "unsigned_order",
     "voxelize",
 ]
 
@@ -90,6 +93,12 @@ def _fitting_grid_size(extent: float) -> float:
     return math.ceil(g / scale * (1 + 1e-12)) * scale
 
 
+def cell_index(coord: Tensor, grid_size: float) -> Tensor:
+    """(N, 3) float → (N, 3) int64 ``floor(coord / g)`` (division in float64): the lattice cell
+    of every point, anchored at integer multiples of ``g``."""
+    return torch.floor(coord.double() / float(grid_size)).long()
+
+
 def voxelize(coord: Tensor, grid_size: float) -> tuple[Tensor, Tensor]:
     """Integer cell of every point and the world position of cell 0's corner.
 
@@ -100,7 +109,7 @@ def voxelize(coord: Tensor, grid_size: float) -> tuple[Tensor, Tensor]:
     """
     _check_grid_size(grid_size)
     _check_coord(coord)
-    cell = torch.floor(coord.double() / float(grid_size)).long()
+    cell = cell_index(coord, grid_size)
     cell_min = cell.amin(dim=0)
     grid_coord = cell - cell_min
     cells = (grid_coord.amax(dim=0) + 1).tolist()
@@ -170,7 +179,19 @@ def group(coord: Tensor, grid_size: float, hash_type: str = "fnv") -> Voxels:
     """
     grid_coord, min_coord = voxelize(coord, grid_size)
     key = fnv_hash(grid_coord) if hash_type == "fnv" else ravel_hash(grid_coord)
-    unsigned_order_key = torch.bitwise_xor(key, _SIGN_BIT)  # unsigned order as signed order
+    return group_by_key(key, grid_coord, min_coord)
+
+
+def unsigned_order(key: Tensor) -> Tensor:
+    """int64 keys holding uint64 bit patterns → int64 values whose signed order is the keys'
+    unsigned order (the sign bit flipped)."""
+    return torch.bitwise_xor(key, _SIGN_BIT)
+
+
+def group_by_key(key: Tensor, grid_coord: Tensor, min_coord: Tensor) -> Voxels:
+    """Group points (N,) by hash ``key``; ``grid_coord`` (N, 3) and ``min_coord`` (3,) as
+    :func:`voxelize` returns them. Voxels are ordered by the key read as uint64."""
+    unsigned_order_key = unsigned_order(key)
     order = torch.argsort(unsigned_order_key, stable=True)
     sorted_keys, counts = torch.unique_consecutive(key[order], return_counts=True)
     n_voxels = sorted_keys.shape[0]

@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m vggt4d.run model=da3-small model.weights=random data=synthetic
+	$(PY) -m vggt4d.run model=da3-small model.weights=random data=synthetic \
+		latent.encoder=tiny latent.weights=random
 
 test: setup
 	$(PY) -m pytest -q

@@ -1,4 +1,4 @@
-"""Scene points: back-projection, normals, filters and the encoder frame, against analytic answers."""
+"""Scene points: back-projection, normals, filters and the encoder frame vs analytic answers."""
 
 from __future__ import annotations
 
@@ -43,7 +43,6 @@ def test_points_lie_on_the_room_or_the_sphere_with_their_frames_colours(scene):
 def test_normals_of_a_tilted_plane_face_the_camera():
     """Camera at the origin looking down +z at the plane z = 2 + 0.5 x."""
     height, width, focal = 40, 50, 45.0
-    k_mat = np.array([[focal, 0, width / 2], [0, focal, height / 2], [0, 0, 1]])
     v, u = np.mgrid[0:height, 0:width]
     ray_x = (u + 0.5 - width / 2) / focal
     depth = (2.0 / (1.0 - 0.5 * ray_x))[None]
@@ -80,7 +79,7 @@ def test_median_depth_scale_and_metric_only_for_metric_models(scene):
     assert cloud.scale == pytest.approx(3.0 / np.median(scene.depth))
     assert PointsSettings().scale_mode("da3nested-giant-large") == "metric"
     assert PointsSettings().scale_mode("da3-small") == "median_depth"
-    with pytest.raises(UserError, match="points.scale=metric needs a metric model"):
+    with pytest.raises(UserError, match=r"points\.scale=metric needs a metric model"):
         PointsSettings(scale="metric").scale_mode("da3-small")
 
 

@@ -91,10 +91,11 @@ def test_preset_runs_on_the_synthetic_scene_with_a_small_model(preset, tmp_path)
 def test_full_pipeline_refines_reruns_da3_and_reports_both_passes(preset, tmp_path):
     overrides = [f"experiment={preset}", "model=da3-small", "model.weights=random",
                  "data.num_frames=7", "process_res=112", "logger=none", "viz.videos=false",
-                 f"cache_dir={tmp_path / 'cache'}"]
+                 "latent.encoder=tiny", "latent.weights=random", f"cache_dir={tmp_path / 'cache'}"]
     run_job(_compose(*overrides), tmp_path / "job")
     job = tmp_path / "job"
     assert (job / "prediction_pass2.npz").is_file()
+    assert json.loads((job / "latent.json").read_text())["tokens"] > 0
     assert len(list((job / "depth_compare").glob("frame*.png"))) == 7
     assert len(list((job / "masks_refined").glob("dynamic_*.png"))) == 7
     metrics = json.loads((job / "metrics.json").read_text())

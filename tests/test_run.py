@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = ["model=da3-small", "model.weights=random", "process_res=140"]
+MODEL = ["model=da3-small", "model.weights=random", "process_res=140", "latent.encoder=tiny",
+         "latent.weights=random"]
 FAST = [*MODEL, "data.num_frames=4"]
 
 
@@ -52,6 +54,11 @@ def test_synthetic_run_writes_prediction_then_reuses_the_cache(tmp_path):
     assert "predict: reused cached result" in second.stdout
     with np.load(tmp_path / "second" / "prediction.npz") as data:
         assert np.array_equal(data["depth"], depth)
+    assert "latent: reused cached result" in second.stdout
+    tokens = torch.load(tmp_path / "second" / "scene_latent.pt")
+    assert tokens["pixel_voxel"].shape == (4, 112, 140)
+    assert tokens["geo_feat"].shape == (len(tokens["coord"]), 160)  # tiny: all 5 levels
+    assert (tmp_path / "second" / "scene_latent.ply").read_bytes().startswith(b"ply")
 
     other = run_cli(tmp_path, *FAST, "model.ref_view_strategy=first", job="third")
     assert "reused cached" not in other.stdout
@@ -131,6 +138,9 @@ def _images(folder: Path, count: int) -> Path:
     ("pairs_for_maps", "needs qq, kk and qk"),
     ("layers_for_bands", "lacks layers [0, 5]"),
     ("area_fraction", "second_pass.area_fraction=2.0"),
+    ("latent_grid", "latent.grid_size=0.0 must be > 0"),
+    ("concerto_unreachable", "cannot download concerto_large.pth"),
+    ("latent_before_second_pass", "list latent after them"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, case, needle):
     overrides = {
@@ -149,6 +159,9 @@ def test_bad_input_is_one_clear_line(tmp_path, case, needle):
         "pairs_for_maps": ["gram.pairs=[qq,kk]"],
         "layers_for_bands": ["gram.layers=[1,2,3]"],
         "area_fraction": ["pipeline=[second_pass]", "second_pass.area_fraction=2"],
+        "latent_grid": ["latent.grid_size=0"],
+        "concerto_unreachable": ["latent.encoder=large", "latent.weights=concerto_large"],
+        "latent_before_second_pass": ["pipeline=[latent,second_pass]"],
     }[case]
     if case == "unreadable_image":
         (tmp_path / "broken" / "001.png").write_bytes(b"garbage")
@@ -157,6 +170,8 @@ def test_bad_input_is_one_clear_line(tmp_path, case, needle):
     base = MODEL if overrides[0].startswith("data=") else FAST
     if case in {"weights_path", "hub_unreachable"}:
         base = [o for o in base if not o.startswith("model.weights")]
+    if case == "concerto_unreachable":
+        base = [o for o in base if not o.startswith("latent.")]
     result = run_cli(tmp_path, *base, *overrides)
     assert_user_error(result, needle, tmp_path / "job")
 

@@ -18,7 +18,7 @@ from vggt4d.run import run_job
 from vggt4d.tracking import wait_for_logging
 
 FAST = ["model=da3-small", "model.weights=random", "data.num_frames=3", "process_res=112",
-        "viz.fps=5"]
+        "viz.fps=5", "latent.encoder=tiny", "latent.weights=random"]
 
 
 @pytest.fixture
@@ -81,11 +81,13 @@ def test_one_offline_run_per_job_with_grouped_keys_and_real_images(wandb_env):
                for k, v in final.items())
     assert any(k.startswith("maps/contact/") and k.endswith("._type") for k in final)
     assert final["metrics/per_frame._type"] == "table-file"
+    assert final["latent/voxels._type"] == "object3D-file"
     summary = {}
     for record in records:
         if record["type"] == "summary":
             summary.update(record["summary"].get("update", {}))
     assert "metrics/JM" in summary and "metrics/temporal_iou" in summary
+    assert summary["latent/tokens"] > 0 and summary["latent/channels"] > 0
     assert any(r["type"] == "exit" for r in records)  # the run was finished
 
     images = list((runs[0] / "files" / "media" / "images").rglob("*.png"))

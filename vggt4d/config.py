@@ -18,6 +18,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, ValidationError
 
 from vggt4d.errors import UserError
+from vggt4d.latent import LatentSettings
+from vggt4d.points import PointsSettings
 from vggt4d.refine import RefineSettings
 from vggt4d.synthetic import SyntheticConfig
 
@@ -31,7 +33,9 @@ GIANT_BANDS = {"shallow": (1, 5), "middle": (6, 15), "deep": (18, 21)}
 
 GIANT_DEPTH = 40
 
-KNOWN_STAGES = ("predict", "gram", "maps", "masks", "refine", "second_pass", "viz", "eval", "log")
+KNOWN_STAGES = (
+    "predict", "gram", "maps", "masks", "refine", "second_pass", "viz", "eval", "latent", "log",
+)
 """Stages the runner knows, in pipeline order."""
 
 
@@ -258,6 +262,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     refine: RefineSettings = field(default_factory=RefineSettings)
     second_pass: SecondPassConfig = field(default_factory=SecondPassConfig)
+    points: PointsSettings = field(default_factory=PointsSettings)
+    latent: LatentSettings = field(default_factory=LatentSettings)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     layer_depth: int | None = None

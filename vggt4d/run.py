@@ -22,6 +22,7 @@ from vggt4d.errors import UserError
 from vggt4d.evaluate import EvalStage
 from vggt4d.frames import FramesStage
 from vggt4d.gram import GramStage
+from vggt4d.latent import LatentStage
 from vggt4d.maps import MapsStage
 from vggt4d.masks import MasksStage
 from vggt4d.pictures import LayerPicturesStage, PicturesStage
@@ -36,7 +37,8 @@ log = logging.getLogger("vggt4d")
 STAGES: dict[str, type] = {
     stage.name: stage
     for stage in (FramesStage, PredictStage, GramStage, MapsStage, MasksStage, RefineStage,
-                  SecondPassStage, LayerPicturesStage, PicturesStage, EvalStage, TrackingStage)
+                  SecondPassStage, LayerPicturesStage, PicturesStage, EvalStage, LatentStage,
+                  TrackingStage)
 }
 """Every stage the runner can compose, by the name used in ``pipeline``."""
 

@@ -9,7 +9,9 @@ dashboard; one history step per frame, so W&B's step slider scrubs through the c
   layers with class labels static / dynamic), ``masks/soft``;
 - ``metrics/{J,F,area_fraction}`` per frame; ``metrics/{JM,JR,FM,FR,...}`` in the summary with a
   per-frame table ``metrics/per_frame``;
-- ``maps/contact/<statistic>`` contact sheets and ``videos/<series>`` from the pictures stage.
+- ``maps/contact/<statistic>`` contact sheets and ``videos/<series>`` from the pictures stage;
+- ``latent/{tokens,channels,dynamic_tokens}`` and ``latent/voxels`` (a 3-D point cloud of at most
+  :data:`MAX_CLOUD_POINTS` coloured voxel centres) when the latent stage ran.
 Logging never fails a job: a W&B error is reported once as a warning, the run is finished, and
 the files on disk are complete either way. With ``logger.background`` (default) the run is
 written by one background thread, so in a sweep a job's logging overlaps the next job's work;
@@ -34,6 +36,9 @@ from vggt4d.viz import colorize
 log = logging.getLogger(__name__)
 
 CLASS_LABELS = {0: "static", 1: "dynamic"}
+
+MAX_CLOUD_POINTS = 100_000
+"""W&B's 3-D viewer stays responsive up to about this many points."""
 
 _WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wandb-log")
 _PENDING: list[Future] = []
@@ -121,6 +126,32 @@ def summary(ctx) -> dict:
     for video in sorted((ctx.out_dir / "videos").rglob("*.mp4")):
         series = video.relative_to(ctx.out_dir / "videos").with_suffix("").as_posix()
         values[f"videos/{series}"] = wandb.Video(str(video), format="mp4")
+    values.update(latent_summary(ctx))
+    return values
+
+
+def latent_summary(ctx) -> dict:
+    """Token counts and the coloured voxel cloud of ``scene_latent.ply`` (a seeded subsample of
+    at most :data:`MAX_CLOUD_POINTS`)."""
+    import wandb
+
+    from vggt4d.latent import PLY
+
+    report = ctx.artifacts.get("scene_latent")
+    if report is None:
+        return {}
+    values = {f"latent/{key}": report[key] for key in ("tokens", "channels", "dynamic_tokens")}
+    ply = ctx.out_dir / PLY
+    if ply.is_file():
+        from plyfile import PlyData
+
+        vertex = PlyData.read(str(ply))["vertex"]
+        cloud = np.stack([vertex[name] for name in ("x", "y", "z", "red", "green", "blue")],
+                         axis=1).astype(np.float32)
+        if len(cloud) > MAX_CLOUD_POINTS:
+            keep = np.random.default_rng(0).choice(len(cloud), MAX_CLOUD_POINTS, replace=False)
+            cloud = cloud[np.sort(keep)]
+        values["latent/voxels"] = wandb.Object3D(cloud)
     return values
 
 

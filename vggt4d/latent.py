@@ -1,0 +1,585 @@
+"""4-D scene tokens: the clip's points → voxels → per-voxel aggregates and PTv3 (Concerto) features.
+
+Steps (Concerto's default transform, DESIGN.md §4, applied once to the whole clip):
+
+1. CenterShift: ``X_enc = X_scene − shift`` with ``shift`` = the bounding box centre in x, y and
+   the minimum in z over *all* frames (per-frame shifts would make cross-frame distances
+   meaningless: the seed scripts' defect 7).
+2. GridSample (:mod:`vggt4d.gridsample`): ``coord = floor(X_enc / g) − min`` (integer voxel
+   coordinates, the seed scripts' defect 6), keys hashed with ``latent.hash``. With
+   ``latent.dynamic_voxels`` the dynamic points are keyed by ``(x, y, z, b)`` with time bin
+   ``b = 1 + ⌊t / time_bin⌋`` and static ones by ``(x, y, z, 0)``: a moving object's tokens keep
+   their time, the background does not grow with the number of frames.
+3. Per voxel ``v`` with member points ``P_v`` (:func:`aggregate`): ``count``, mean position and
+   colour, first/last frame, number of distinct frames, the fraction of dynamic members, and the
+   mean time and camera embeddings, ``mean_{p ∈ P_v} e(t_p)`` (computed from the (voxel, frame)
+   histogram, so it costs O(pairs), not O(points · D)).
+4. Geometry features: the PTv3 encoder on the *spatial* voxels (one Pointcept train-mode point per
+   voxel: feat = ``[X_enc, rgb/255, normal]``), the chosen levels brought back to the voxels
+   through the pooling chain (:func:`vggt4d.ptv3.model.features_at_input`). A token of
+   ``(x, y, z, b)`` takes the features of its spatial voxel ``(x, y, z)``.
+
+Embeddings (defaults reproduce the user's token script, SEED_SCRIPTS.md):
+
+* ``time_emb``, width ``D = time_dim`` (even): ``t = i / (T − 1)``,
+  ``[sin ω₀t, cos ω₀t, sin ω₁t, cos ω₁t, …]`` with ``ω_k = 10^{2 − 3k / (D/2 − 1)}``,
+  i.e. ω = 100, 10, 1, 0.1 for D = 8 (D = 2: ω = 100).
+* ``cam_emb``: ``c2w`` (16-D): the 12 entries of camera-to-world ``[R | C]`` row-major, zero-padded
+  to 16; ``centre_direction_fov`` (8-D): ``[C, R e_z, fov_x, fov_y]`` (camera centre, unit
+  viewing direction, fields of view in radians). Both in the encoder frame ``X_enc``.
+Averaged sin/cos codes are mixtures, not unit vectors (defect 8): ``first_frame``,
+``last_frame``, ``frames_seen`` and ``count`` sit beside them so a decoder can tell a static voxel
+from a moving one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vggt4d.cameras import camera_to_world
+from vggt4d.errors import UserError
+from vggt4d.gridsample import (
+    Voxels,
+    cell_index,
+    fnv_hash,
+    group_by_key,
+    ravel_hash,
+    sample_train,
+    unsigned_order,
+    voxelize,
+)
+from vggt4d.io import atomic_write
+from vggt4d.points import PointCloud, ScenePoints
+from vggt4d.ptv3.checkpoint import RELEASED
+
+log = logging.getLogger(__name__)
+
+OUTPUT = "scene_latent.pt"
+PLY = "scene_latent.ply"
+REPORT = "latent.json"
+HASHES = ("fnv", "ravel")
+CAMERA_EMBEDDINGS = {"c2w": 16, "centre_direction_fov": 8}
+ENCODERS = ("none", "tiny", "small", "base", "large")
+SAVE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+NUM_LEVELS = 5
+
+
+@dataclass
+class LatentSettings:
+    """``latent.*``: voxels, embeddings and the encoder (see the module docstring)."""
+
+    grid_size: float = 0.02
+    """Voxel pitch in metres of the encoder frame (Concerto's grid size)."""
+    hash: str = "fnv"
+    dynamic_voxels: bool = False
+    """Bin dynamic points in (x, y, z, t) and static ones in (x, y, z)."""
+    time_bin: int = 1
+    """Frames per time bin of dynamic voxels."""
+    time_dim: int = 8
+    camera_embedding: str = "c2w"
+    encoder: str = "large"
+    """PTv3 variant: tiny (ours, tests and demo) | small | base | large | none (no features)."""
+    weights: str = "concerto_large"
+    """A local .pth, a released name (concerto_small/base/large, from the hub Pointcept/Concerto)
+    or random (seeded)."""
+    levels: list[int] | None = None
+    """Encoder levels concatenated per voxel (0 = finest); null = all (1728 channels for large),
+    [2, 3, 4] = the official demo's three (1536)."""
+    shuffle_orders: bool = False
+    """Permute the serialization orders per pooling level as in training (seeded)."""
+    save_dtype: str = "fp16"
+    ply: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not (math.isfinite(self.grid_size) and self.grid_size > 0):
+            raise UserError(f"latent.grid_size={self.grid_size} must be > 0 (metres, e.g. 0.02)")
+        _choice("latent.hash", self.hash, HASHES)
+        _choice("latent.camera_embedding", self.camera_embedding, tuple(CAMERA_EMBEDDINGS))
+        _choice("latent.encoder", self.encoder, ENCODERS)
+        _choice("latent.save_dtype", self.save_dtype, tuple(SAVE_DTYPES))
+        if self.time_bin < 1:
+            raise UserError(f"latent.time_bin={self.time_bin} must be >= 1 frame")
+        if self.time_dim < 2 or self.time_dim % 2:
+            raise UserError(f"latent.time_dim={self.time_dim} must be an even number >= 2 "
+                            f"(sin/cos pairs)")
+        levels = None if self.levels is None else list(self.levels)
+        if levels is not None and (not levels or levels != sorted(set(levels))
+                                   or not 0 <= levels[0] <= levels[-1] < NUM_LEVELS):
+            raise UserError(f"latent.levels={levels} must be increasing encoder levels "
+                            f"0-{NUM_LEVELS - 1} (or null = all)")
+        if self.encoder == "none" or self.weights == "random":
+            return
+        released = RELEASED.get(self.weights)
+        if released is not None and released != self.encoder:
+            raise UserError(f"latent.weights={self.weights} is the {released} encoder but "
+                            f"latent.encoder={self.encoder}: set latent.encoder={released}")
+        if released is None and not Path(self.weights).expanduser().is_file():
+            raise UserError(f"latent.weights={self.weights}: no such file (use a local .pth, "
+                            f"one of {', '.join(RELEASED)}, or random)")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UserError(f"{name}='{value}' is not one of {', '.join(allowed)}")
+
+
+# ------------------------------------------------------------------------------------------
+# embeddings
+# ------------------------------------------------------------------------------------------
+
+
+def time_frequencies(dim: int) -> Tensor:
+    """(dim/2,) float64 ``ω_k = 10^{2 − 3k / (dim/2 − 1)}`` (100, 10, 1, 0.1 for dim 8)."""
+    pairs = dim // 2
+    if pairs == 1:
+        return torch.tensor([100.0], dtype=torch.float64)
+    return 10.0 ** (2.0 - 3.0 * torch.arange(pairs, dtype=torch.float64) / (pairs - 1))
+
+
+def time_embedding(times: Tensor, dim: int) -> Tensor:
+    """(F,) times in [0, 1] → (F, dim) float64 ``[sin ω₀t, cos ω₀t, sin ω₁t, …]``."""
+    angles = times.double()[:, None] * time_frequencies(dim)[None, :]
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(len(times), dim)
+
+
+def frame_times(num_frames: int) -> Tensor:
+    """(T,) ``t = i / (T − 1)`` (0 for a single frame)."""
+    return torch.arange(num_frames, dtype=torch.float64) / max(num_frames - 1, 1)
+
+
+def camera_embedding(c2w: np.ndarray, intrinsics: np.ndarray, image_size: tuple[int, int],
+                     kind: str) -> Tensor:
+    """(T, 3, 4) camera-to-world, (T, 3, 3) K, (H, W) → (T, D_cam) float64.
+
+    ``c2w``: the 12 entries of ``c2w`` row-major, zero-padded to 16. ``centre_direction_fov``:
+    ``[C, R e_z, 2 atan(W / 2f_x), 2 atan(H / 2f_y)]``.
+    """
+    c2w = torch.as_tensor(c2w, dtype=torch.float64)
+    if kind == "c2w":
+        flat = c2w.reshape(len(c2w), 12)
+        return torch.cat([flat, flat.new_zeros(len(c2w), 4)], dim=1)
+    k_mats = torch.as_tensor(intrinsics, dtype=torch.float64)
+    height, width = image_size
+    fov = torch.stack([2 * torch.atan(width / (2 * k_mats[:, 0, 0])),
+                       2 * torch.atan(height / (2 * k_mats[:, 1, 1]))], dim=1)
+    return torch.cat([c2w[:, :, 3], c2w[:, :, 2], fov], dim=1)
+
+
+# ------------------------------------------------------------------------------------------
+# voxels
+# ------------------------------------------------------------------------------------------
+
+
+def center_shift(coord: Tensor) -> Tensor:
+    """(N, 3) → (3,) Concerto's CenterShift: bbox centre in x and y, minimum in z."""
+    low, high = coord.amin(dim=0), coord.amax(dim=0)
+    centre = (low + high) / 2
+    return torch.stack([centre[0], centre[1], low[2]])
+
+
+def _hash(columns: Tensor, hash_type: str) -> Tensor:
+    return fnv_hash(columns) if hash_type == "fnv" else ravel_hash(columns)
+
+
+def time_bins(frame: Tensor, dynamic: Tensor, time_bin: int) -> Tensor:
+    """(N,) ``1 + ⌊t / time_bin⌋`` for dynamic points, 0 for static ones."""
+    return torch.where(dynamic, 1 + torch.div(frame, time_bin, rounding_mode="floor"), 0)
+
+
+@dataclass
+class TokenGrid:
+    """Voxels of the points that built them, and how to find the voxel of any other point."""
+
+    voxels: Voxels
+    cell_min: Tensor  # (3,) int64 floor(X_enc / g) of grid coordinate 0
+    bins: Tensor | None  # (V,) time bin of each voxel (dynamic_voxels), else None
+
+
+def build_tokens(coord: Tensor, grid_size: float, hash_type: str, frame: Tensor | None = None,
+                 dynamic: Tensor | None = None, time_bin: int = 1) -> TokenGrid:
+    """Group (N, 3) encoder-frame points into voxels; with ``frame`` and ``dynamic`` (N,) the
+    dynamic points are keyed in (x, y, z, bin) (module docstring, step 2)."""
+    grid_coord, min_coord = voxelize(coord, grid_size)
+    cell_min = cell_index(coord, grid_size).amin(dim=0)
+    if dynamic is None:
+        return TokenGrid(group_by_key(_hash(grid_coord, hash_type), grid_coord, min_coord),
+                         cell_min, None)
+    bins = time_bins(frame, dynamic, time_bin)
+    key = _hash(torch.cat([grid_coord, bins[:, None]], dim=1), hash_type)
+    voxels = group_by_key(key, grid_coord, min_coord)
+    return TokenGrid(voxels, cell_min, bins[voxels.order[voxels.starts]])
+
+
+def locate(grid: TokenGrid, coord: Tensor, grid_size: float, hash_type: str,
+           frame: Tensor | None = None, dynamic: Tensor | None = None,
+           time_bin: int = 1) -> Tensor:
+    """(N,) voxel of each (N, 3) point in ``grid``, −1 when its cell holds no voxel.
+
+    The point's cell ``floor(X / g) − cell_min`` (and bin) is hashed as in :func:`build_tokens`,
+    found among the voxel keys by binary search in their unsigned order, and accepted only when
+    the voxel's grid coordinate equals the cell (so hash collisions and cells outside the grid
+    give −1). A ravel key depends on the grid's extent, so ravel grids are located by fnv keys
+    of the same cells.
+    """
+    voxels = grid.voxels
+    cells = cell_index(coord, grid_size) - grid.cell_min
+    bins = None if grid.bins is None else time_bins(frame, dynamic, time_bin)
+    voxel_cells = voxels.grid_coord
+    if grid.bins is not None:
+        cells = torch.cat([cells, bins[:, None]], dim=1)
+        voxel_cells = torch.cat([voxel_cells, grid.bins[:, None]], dim=1)
+    if hash_type == "fnv":
+        sorted_keys, position = unsigned_order(voxels.keys), torch.arange(len(voxels.keys))
+    else:
+        keys = unsigned_order(fnv_hash(voxel_cells))
+        sorted_keys, position = torch.sort(keys)
+    query = unsigned_order(fnv_hash(cells))
+    slot = torch.searchsorted(sorted_keys, query).clamp(max=len(sorted_keys) - 1)
+    found = position.to(slot.device)[slot]
+    hit = (sorted_keys[slot] == query) & (voxel_cells[found] == cells).all(dim=1)
+    return torch.where(hit, found, -1)
+
+
+@dataclass
+class VoxelAggregates:
+    """Per-voxel statistics of the member points (V voxels)."""
+
+    count: Tensor  # (V,) int64
+    position: Tensor  # (V, 3) float32 mean encoder-frame position
+    color: Tensor  # (V, 3) float32 mean RGB in [0, 1]
+    first_frame: Tensor  # (V,) int64
+    last_frame: Tensor  # (V,) int64
+    frames_seen: Tensor  # (V,) int64 distinct frames among the members
+    dynamic: Tensor  # (V,) float32 fraction of dynamic members
+    time_emb: Tensor  # (V, D_time) float32 mean time embedding
+    cam_emb: Tensor  # (V, D_cam) float32 mean camera embedding
+
+
+def _segment_mean(values: Tensor, inverse: Tensor, count: Tensor) -> Tensor:
+    total = torch.zeros(len(count), values.shape[1], dtype=torch.float64, device=values.device)
+    total.index_add_(0, inverse, values.double())
+    return (total / count[:, None]).float()
+
+
+def aggregate(inverse: Tensor, num_voxels: int, position: Tensor, color: Tensor, frame: Tensor,
+              dynamic: Tensor, time_emb: Tensor, cam_emb: Tensor) -> VoxelAggregates:
+    """Per-voxel aggregates of N points: ``inverse`` (N,) voxel of each point, ``position``
+    (N, 3), ``color`` (N, 3) uint8, ``frame`` (N,) int64, ``dynamic`` (N,) bool; per-frame
+    embeddings ``time_emb`` (T, D_time) and ``cam_emb`` (T, D_cam).
+
+    Frame-dependent means use the (voxel, frame) histogram:
+    ``mean_e(v) = Σ_t n(v, t) e(t) / Σ_t n(v, t)``.
+    """
+    device = inverse.device
+    num_frames = len(time_emb)
+    count = torch.bincount(inverse, minlength=num_voxels)
+    pair, pair_count = torch.unique(inverse * num_frames + frame, return_counts=True)
+    pair_voxel, pair_frame = pair // num_frames, pair % num_frames
+    first = torch.full((num_voxels,), num_frames, dtype=torch.int64, device=device)
+    last = torch.full((num_voxels,), -1, dtype=torch.int64, device=device)
+    first.scatter_reduce_(0, pair_voxel, pair_frame, "amin")
+    last.scatter_reduce_(0, pair_voxel, pair_frame, "amax")
+    weights = pair_count.double()[:, None]
+
+    def frame_mean(per_frame: Tensor) -> Tensor:
+        total = torch.zeros(num_voxels, per_frame.shape[1], dtype=torch.float64, device=device)
+        total.index_add_(0, pair_voxel, weights * per_frame.to(device)[pair_frame])
+        return (total / count[:, None]).float()
+
+    return VoxelAggregates(
+        count=count,
+        position=_segment_mean(position, inverse, count),
+        color=_segment_mean(color.double() / 255.0, inverse, count),
+        first_frame=first,
+        last_frame=last,
+        frames_seen=torch.bincount(pair_voxel, minlength=num_voxels),
+        dynamic=_segment_mean(dynamic.double()[:, None], inverse, count)[:, 0],
+        time_emb=frame_mean(time_emb),
+        cam_emb=frame_mean(cam_emb),
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# encoder
+# ------------------------------------------------------------------------------------------
+
+
+def build_encoder(settings: LatentSettings, device: torch.device):
+    """The PTv3 encoder of ``settings`` (released or local weights loaded strictly, or random
+    weights drawn from ``settings.seed``), in eval mode on ``device``."""
+    from dataclasses import replace
+
+    from vggt4d.ptv3.checkpoint import load_encoder
+    from vggt4d.ptv3.model import VARIANTS, PTv3Encoder
+
+    overrides = {"shuffle_orders": settings.shuffle_orders}
+    if settings.weights != "random":
+        return load_encoder(settings.weights, settings.encoder, device, overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        encoder = PTv3Encoder(replace(VARIANTS[settings.encoder], **overrides))
+    return encoder.to(device).eval()
+
+
+@torch.inference_mode()
+def encode_voxels(encoder, coord: Tensor, grid_coord: Tensor, color: Tensor, normal: Tensor,
+                  levels: list[int] | None, seed: int) -> Tensor:
+    """PTv3 features of V voxels (one sampled point each): ``coord`` (V, 3) encoder-frame
+    positions, ``grid_coord`` (V, 3) int64, ``color`` (V, 3) uint8, ``normal`` (V, 3) →
+    (V, C) float32 with feat = ``[coord, color / 255, normal]``."""
+    from vggt4d.ptv3.model import features_at_input
+
+    feat = torch.cat([coord, color.float() / 255.0, normal], dim=1)
+    generator = torch.Generator().manual_seed(seed)  # the curve-order shuffles draw on the CPU
+    levels_out = encoder(coord, grid_coord, feat, generator=generator)
+    return features_at_input(levels_out, levels).float()
+
+
+# ------------------------------------------------------------------------------------------
+# the whole computation and its files
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SceneLatent:
+    """Everything written to ``scene_latent.pt`` (see :meth:`to_dict` for the file's keys)."""
+
+    geo_feat: Tensor  # (V, C); C = 0 with encoder none
+    coord: Tensor  # (V, 3) int64 voxel coordinates
+    aggregates: VoxelAggregates
+    time_bin: Tensor | None  # (V,) 0 static, 1 + ⌊t / time_bin⌋ dynamic (dynamic_voxels)
+    pixel_voxel: Tensor  # (T, H, W) int64 voxel of every pixel, −1 filtered / not in a voxel
+    world_to_grid: Tensor  # (4, 4) float64: voxel = floor((world_to_grid @ [X, 1])[:3])
+    world_to_enc: Tensor  # (4, 4) float64: X_enc = s R_up X_world − shift
+    c2w: Tensor  # (T, 3, 4) float64 cameras in the encoder frame
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self, dtype: torch.dtype) -> dict:
+        agg = self.aggregates
+        return {
+            "geo_feat": self.geo_feat.to(dtype), "coord": self.coord,
+            "color": agg.color.to(dtype), "time_emb": agg.time_emb.to(dtype),
+            "cam_emb": agg.cam_emb.to(dtype), "position": agg.position,
+            "counts": agg.count, "first_frame": agg.first_frame, "last_frame": agg.last_frame,
+            "frames_seen": agg.frames_seen, "dynamic": agg.dynamic, "time_bin": self.time_bin,
+            "pixel_voxel": self.pixel_voxel, "world_to_grid": self.world_to_grid,
+            "world_to_enc": self.world_to_enc, "c2w": self.c2w,
+            "grid_size": self.meta["grid_size"], "num_frames": self.meta["num_frames"],
+            "meta": self.meta,
+        }
+
+
+def affine(matrix_3x3: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """(4, 4) homogeneous matrix of ``X ↦ M X + o``."""
+    out = np.eye(4)
+    out[:3, :3], out[:3, 3] = matrix_3x3, offset
+    return out
+
+
+def cameras_in_frame(extrinsics: np.ndarray, similarity: np.ndarray, scale: float) -> np.ndarray:
+    """(T, 3, 4) world-to-camera → (T, 3, 4) camera-to-world ``[R' | C']`` in the frame
+    ``X' = similarity @ [X, 1]`` (``similarity[:3, :3] = scale · rotation``)."""
+    c2w = camera_to_world(extrinsics)
+    rotation = similarity[:3, :3] / scale
+    rot = np.einsum("ij,tjk->tik", rotation, c2w[:, :, :3])
+    centre = c2w[:, :, 3] @ similarity[:3, :3].T + similarity[:3, 3]
+    return np.concatenate([rot, centre[:, :, None]], axis=2)
+
+
+def scene_latent(cloud: PointCloud, extrinsics: np.ndarray, intrinsics: np.ndarray,
+                 settings: LatentSettings, device: torch.device, encoder=None,
+                 max_per_frame: int = 0) -> SceneLatent:
+    """Tokens of a point cloud (module docstring): voxels of the points (at most
+    ``max_per_frame`` per frame, 0 = all), their aggregates, the encoder's features
+    (``encoder=None``: none) and every kept pixel's voxel."""
+    started = time.perf_counter()
+    built = cloud.points.subsample(max_per_frame, settings.seed)
+    num_frames = cloud.num_frames
+    height, width = cloud.kept.shape[1:]
+
+    def tensors(points: ScenePoints) -> dict[str, Tensor]:
+        return {"coord": torch.from_numpy(points.coord).to(device).double(),
+                "color": torch.from_numpy(points.color).to(device),
+                "normal": torch.from_numpy(points.normal).to(device),
+                "frame": torch.from_numpy(points.frame).to(device),
+                "dynamic": torch.from_numpy(points.dynamic).to(device)}
+
+    pts = tensors(built)
+    shift = center_shift(pts["coord"])
+    enc_coord = pts["coord"] - shift
+    dynamic_args = (pts["frame"], pts["dynamic"], settings.time_bin) \
+        if settings.dynamic_voxels else ()
+    grid = build_tokens(enc_coord, settings.grid_size, settings.hash, *dynamic_args)
+    voxels = grid.voxels
+    world_to_enc = affine(np.eye(3), -shift.cpu().numpy()) @ cloud.world_to_scene
+    c2w_enc = cameras_in_frame(extrinsics, world_to_enc, cloud.scale)
+    time_emb = time_embedding(frame_times(num_frames), settings.time_dim)
+    cam_emb = camera_embedding(c2w_enc, intrinsics, (height, width), settings.camera_embedding)
+    aggregates = aggregate(voxels.inverse, len(voxels.keys), enc_coord, pts["color"],
+                           pts["frame"], pts["dynamic"], time_emb, cam_emb)
+    geo_feat = torch.zeros(len(voxels.keys), 0, device=device)
+    if encoder is not None:
+        spatial = grid if not settings.dynamic_voxels else build_tokens(
+            enc_coord, settings.grid_size, settings.hash)
+        generator = torch.Generator(device=device).manual_seed(settings.seed)
+        chosen = sample_train(spatial.voxels, generator)
+        features = encode_voxels(encoder, enc_coord[chosen].float(), spatial.voxels.grid_coord,
+                                 pts["color"][chosen], pts["normal"][chosen], settings.levels,
+                                 settings.seed)
+        token_spatial = spatial.voxels.inverse[voxels.order[voxels.starts]]
+        geo_feat = features[token_spatial]
+    everyone = tensors(cloud.points)
+    dynamic_all = (everyone["frame"], everyone["dynamic"], settings.time_bin) \
+        if settings.dynamic_voxels else ()
+    located = locate(grid, everyone["coord"] - shift, settings.grid_size, settings.hash,
+                     *dynamic_all)
+    pixel_voxel = torch.full((num_frames * height * width,), -1, dtype=torch.int64)
+    pixel_voxel[torch.from_numpy(cloud.points.pixel)] = located.cpu()
+    cell_min = grid.cell_min.cpu().numpy().astype(np.float64)
+    world_to_grid = affine(np.eye(3) / settings.grid_size, -cell_min) @ world_to_enc
+    meta = {
+        "grid_size": settings.grid_size, "num_frames": num_frames,
+        "image_size": [height, width], "hash": settings.hash,
+        "dynamic_voxels": settings.dynamic_voxels, "time_bin": settings.time_bin,
+        "time_dim": settings.time_dim, "time_frequencies": time_frequencies(
+            settings.time_dim).tolist(), "camera_embedding": settings.camera_embedding,
+        "encoder": settings.encoder if encoder is not None else "none",
+        "weights": settings.weights if encoder is not None else None,
+        "levels": settings.levels, "scale": cloud.scale, "scale_mode": cloud.scale_mode,
+        "center_shift": shift.cpu().tolist(), "points": len(cloud.points),
+        "points_voxelised": len(built), "max_per_frame": max_per_frame, "seed": settings.seed,
+        "tokens": len(voxels.keys), "channels": int(geo_feat.shape[1]),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return SceneLatent(
+        geo_feat=geo_feat.cpu(), coord=voxels.grid_coord.cpu(), aggregates=VoxelAggregates(
+            **{name: getattr(aggregates, name).cpu() for name in aggregates.__dataclass_fields__}),
+        time_bin=None if grid.bins is None else grid.bins.cpu(),
+        pixel_voxel=pixel_voxel.reshape(num_frames, height, width),
+        world_to_grid=torch.from_numpy(world_to_grid), world_to_enc=torch.from_numpy(world_to_enc),
+        c2w=torch.from_numpy(c2w_enc), meta=meta)
+
+
+def write_latent(path: Path, latent: SceneLatent, dtype: torch.dtype) -> None:
+    """``scene_latent.pt`` atomically (float features in ``dtype``); saved through a file handle,
+    so the archive does not record the temporary file's name and equal contents give equal
+    bytes."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            torch.save(latent.to_dict(dtype), handle)
+
+    atomic_write(path, write)
+
+
+def write_ply(path: Path, latent: SceneLatent) -> None:
+    """A binary PLY of the voxel centres (encoder frame, metres) coloured by their mean colour."""
+    from plyfile import PlyData, PlyElement
+
+    grid_size = latent.meta["grid_size"]
+    enc_to_grid = latent.world_to_grid.numpy() @ np.linalg.inv(latent.world_to_enc.numpy())
+    centres = (latent.coord.double().numpy() + 0.5 - enc_to_grid[:3, 3]) * grid_size
+    colors = np.clip(np.rint(latent.aggregates.color.float().numpy() * 255), 0, 255)
+    vertex = np.empty(len(centres), dtype=[("x", "f4"), ("y", "f4"), ("z", "f4"),
+                                          ("red", "u1"), ("green", "u1"), ("blue", "u1")])
+    for axis, name in enumerate("xyz"):
+        vertex[name] = centres[:, axis]
+    for channel, name in enumerate(("red", "green", "blue")):
+        vertex[name] = colors[:, channel]
+    ply = PlyData([PlyElement.describe(vertex, "vertex")])
+    atomic_write(path, lambda tmp: ply.write(str(tmp)))
+
+
+def _file_identity(path: str) -> list:
+    stat = Path(path).expanduser().stat()
+    return [str(Path(path).expanduser().resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+class LatentStage:
+    """Prediction (the second pass when present) and masks → ``scene_latent.pt``, a PLY of the
+    voxels and ``latent.json``; cached by the inputs' content and the settings."""
+
+    name = "latent"
+    requires = ("prediction",)
+    provides = ("scene_latent",)
+    AFTER = ("masks", "refine", "second_pass")
+
+    def check(self, ctx) -> None:
+        from vggt4d.resources import resolve_device
+
+        ctx.cfg.points.validate()
+        ctx.cfg.latent.validate()
+        self.scale_mode = ctx.cfg.points.scale_mode(ctx.cfg.model.name)
+        names = [stage.name for stage in ctx.stages]
+        late = [name for name in self.AFTER if name in names
+                and names.index(name) > names.index(self.name)]
+        if late:
+            raise UserError(f"pipeline: latent runs before {', '.join(late)}, whose results it "
+                            f"uses: list latent after them")
+        self.device = resolve_device(ctx.cfg.device, ctx.job.num)
+        self.files = (OUTPUT, REPORT) + ((PLY,) if ctx.cfg.latent.ply else ())
+        settings = ctx.cfg.latent
+        if settings.encoder != "none" and settings.weights != "random":
+            from vggt4d.ptv3.checkpoint import resolve_checkpoint
+
+            resolve_checkpoint(settings.weights)  # downloads now: offline fails before DA3 runs
+
+    def _inputs(self, ctx):
+        prediction = ctx.artifacts.get("prediction_pass2", ctx.artifacts["prediction"])
+        masks = ctx.artifacts.get("refined_masks", ctx.artifacts.get("masks"))
+        return prediction, masks
+
+    def cache_key(self, ctx) -> str:
+        from dataclasses import asdict
+
+        from vggt4d import __version__
+        from vggt4d.cache import content_key
+
+        prediction, masks = self._inputs(ctx)
+        arrays = [prediction.depth, prediction.conf, prediction.extrinsics,
+                  prediction.intrinsics, prediction.frames]
+        arrays += [] if prediction.sky is None else [prediction.sky]
+        arrays += [] if masks is None else [masks.soft, masks.binary]
+        settings = ctx.cfg.latent
+        weights = settings.weights if settings.weights in RELEASED | {"random": None} \
+            or settings.encoder == "none" else _file_identity(settings.weights)
+        return content_key(*(np.ascontiguousarray(a).tobytes() for a in arrays),
+                           asdict(ctx.cfg.points), asdict(settings), weights, self.scale_mode,
+                           __version__)
+
+    def run(self, ctx) -> None:
+        from vggt4d.points import scene_points
+
+        prediction, masks = self._inputs(ctx)
+        points_cfg, settings = ctx.cfg.points, ctx.cfg.latent
+        cloud = scene_points(
+            prediction.depth, prediction.conf, prediction.frames, prediction.intrinsics,
+            prediction.extrinsics, points_cfg, self.scale_mode, sky=prediction.sky,
+            dynamic_prob=None if masks is None else masks.soft,
+            dynamic=None if masks is None else masks.binary)
+        encoder = None if settings.encoder == "none" else build_encoder(settings, self.device)
+        latent = scene_latent(cloud, prediction.extrinsics, prediction.intrinsics, settings,
+                              self.device, encoder, points_cfg.max_per_frame)
+        write_latent(ctx.out_dir / OUTPUT, latent, SAVE_DTYPES[settings.save_dtype])
+        if settings.ply:
+            write_ply(ctx.out_dir / PLY, latent)
+        report = {**latent.meta, "dynamic_tokens": int((latent.aggregates.dynamic > 0.5).sum()),
+                  "pixels_in_tokens": int((latent.pixel_voxel >= 0).sum())}
+        atomic_write(ctx.out_dir / REPORT,
+                     lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+        log.info("latent: %d tokens x %d channels from %d points (%s encoder), %.1f s",
+                 report["tokens"], report["channels"], report["points"], report["encoder"],
+                 report["seconds"])
+        self.load(ctx)
+
+    def load(self, ctx) -> None:
+        ctx.artifacts["scene_latent"] = json.loads((ctx.out_dir / REPORT).read_text())

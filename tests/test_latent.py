@@ -10,6 +10,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from vggt4d.errors import UserError
+from vggt4d.gridsample import group_by_key
 from vggt4d.latent import (
     LatentSettings,
     aggregate,
@@ -37,12 +38,13 @@ def tilted(extrinsics: np.ndarray, seed: int = 0) -> np.ndarray:
     return out
 
 
-def tokens_of(scene, frames: np.ndarray | slice = slice(None), **settings):
+def tokens_of(scene, frames: np.ndarray | slice = slice(None), all_dynamic: bool = False,
+              **settings):
     extrinsics = tilted(scene.extrinsics)[frames]
+    dynamic = scene.dynamic_masks[frames] | all_dynamic
     cloud = scene_points(scene.depth[frames], np.ones_like(scene.depth[frames]),
                          scene.frames[frames], scene.intrinsics[frames], extrinsics,
-                         PointsSettings(conf_percentile=0.0), "metric",
-                         dynamic=scene.dynamic_masks[frames])
+                         PointsSettings(conf_percentile=0.0), "metric", dynamic=dynamic)
     return scene_latent(cloud, extrinsics, scene.intrinsics[frames],
                         LatentSettings(**{**NO_ENCODER, **settings}), CPU), cloud
 
@@ -82,10 +84,14 @@ def test_aggregates_match_a_loop_over_voxels():
     position = torch.randn(num_points, 3, generator=gen, dtype=torch.float64)
     color = torch.randint(0, 256, (num_points, 3), generator=gen, dtype=torch.uint8)
     frame = torch.randint(0, num_frames, (num_points,), generator=gen)
-    dynamic = torch.rand(num_points, generator=gen) > 0.7
+    prob = torch.rand(num_points, generator=gen)
+    dynamic = prob > 0.7
     time_emb = torch.randn(num_frames, 8, generator=gen, dtype=torch.float64)
     cam_emb = torch.randn(num_frames, 16, generator=gen, dtype=torch.float64)
-    agg = aggregate(inverse, num_voxels, position, color, frame, dynamic, time_emb, cam_emb)
+    voxels = group_by_key(inverse, torch.zeros(num_points, 3, dtype=torch.int64),
+                          torch.zeros(3))  # keys 0..V-1: voxel v is key v
+    assert torch.equal(voxels.inverse, inverse)
+    agg = aggregate(voxels, position, color, frame, dynamic, prob, time_emb, cam_emb)
     for v in range(num_voxels):
         members = [i for i in range(num_points) if int(inverse[i]) == v]
         frames = [int(frame[i]) for i in members]
@@ -94,6 +100,8 @@ def test_aggregates_match_a_loop_over_voxels():
         assert int(agg.frames_seen[v]) == len(set(frames))
         assert agg.dynamic[v].item() == pytest.approx(sum(bool(dynamic[i]) for i in members)
                                                       / len(members))
+        assert agg.dynamic_prob[v].item() == pytest.approx(
+            sum(float(prob[i]) for i in members) / len(members), rel=1e-6)
         np.testing.assert_allclose(agg.color[v].numpy(), np.mean(
             [color[i].numpy() / 255.0 for i in members], axis=0), rtol=1e-6)
         np.testing.assert_allclose(agg.position[v].numpy(), np.mean(
@@ -114,10 +122,12 @@ def test_static_scene_token_count_does_not_grow_with_frames(static_scene):
     counts = {n: tokens_of(static_scene, np.linspace(0, 35, n).round().astype(int),
                            grid_size=0.2)[0].meta["tokens"] for n in (18, 24, 36)}
     assert max(counts.values()) <= 1.01 * min(counts.values()), counts
-    # the same points keyed per frame (what per-frame tokens would give) grow with the frames
-    per_frame = tokens_of(static_scene, np.linspace(0, 35, 24).round().astype(int),
-                          grid_size=0.2, dynamic_voxels=True)
-    assert per_frame[0].meta["tokens"] == counts[24]  # nothing is dynamic: nothing changes
+    # the same points keyed per frame (every point dynamic) grow with the frames: the test
+    # can fail
+    per_frame = {n: tokens_of(static_scene, np.linspace(0, 35, n).round().astype(int),
+                              grid_size=0.2, dynamic_voxels=True, all_dynamic=True)[0]
+                 .meta["tokens"] for n in (18, 36)}
+    assert per_frame[36] > 1.8 * per_frame[18]
 
 
 def test_every_kept_pixel_lies_in_its_voxel(static_scene):
@@ -206,7 +216,6 @@ def test_same_seed_gives_an_identical_scene_latent_file(small_scene, tmp_path):
     paths = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         latent = encoded(small_scene, seed=seed)
-        latent.meta["seconds"] = 0.0  # wall time is the one field allowed to differ
         paths.append(tmp_path / f"{name}.pt")
         write_latent(paths[-1], latent, torch.float16)
     assert paths[0].read_bytes() == paths[1].read_bytes()
@@ -239,3 +248,36 @@ def test_a_saved_checkpoint_gives_the_random_encoders_features(small_scene, tmp_
     torch.testing.assert_close(from_file.geo_feat, from_random.geo_feat, rtol=0, atol=0)
     with pytest.raises(UserError, match="small"):
         encoded(small_scene, encoder="small", weights=str(path))
+
+
+@pytest.mark.parametrize("hash_type", ["fnv", "ravel"])
+@pytest.mark.parametrize("dynamic_voxels", [False, True])
+def test_pixel_voxels_count_each_tokens_points(small_scene, hash_type, dynamic_voxels):
+    latent, cloud = tokens_of(small_scene, grid_size=0.05, hash=hash_type,
+                              dynamic_voxels=dynamic_voxels)
+    voxel = latent.pixel_voxel.reshape(-1)[torch.from_numpy(cloud.points.pixel)].long()
+    assert bool((voxel >= 0).all()) and int((latent.pixel_voxel >= 0).sum()) == len(cloud.points)
+    torch.testing.assert_close(torch.bincount(voxel, minlength=len(latent.coord)),
+                               latent.aggregates.count)
+    # a token's pixels come from its frames only
+    frames = torch.from_numpy(cloud.points.frame)
+    assert bool((frames >= latent.aggregates.first_frame[voxel]).all())
+    assert bool((frames <= latent.aggregates.last_frame[voxel]).all())
+
+
+def test_cameras_in_the_encoder_frame_project_points_back_to_their_pixels(small_scene):
+    extrinsics = tilted(small_scene.extrinsics)
+    cloud = scene_points(small_scene.depth, np.ones_like(small_scene.depth), small_scene.frames,
+                         small_scene.intrinsics, extrinsics, PointsSettings(
+                             conf_percentile=0.0, median_depth=3.0), "median_depth")
+    latent = scene_latent(cloud, extrinsics, small_scene.intrinsics,
+                          LatentSettings(grid_size=0.05, **NO_ENCODER), CPU)
+    pts = cloud.points
+    enc = pts.coord.astype(np.float64) - latent.meta["center_shift"]
+    c2w = latent.c2w.numpy()[pts.frame]
+    cam = np.einsum("nji,nj->ni", c2w[:, :, :3], enc - c2w[:, :, 3])  # R^T (X − C)
+    t, v, u = np.unravel_index(pts.pixel, small_scene.depth.shape)
+    np.testing.assert_allclose(cam[:, 2], cloud.scale * small_scene.depth[t, v, u], rtol=1e-5)
+    pixel = np.einsum("nij,nj->ni", small_scene.intrinsics[t].astype(np.float64), cam)
+    np.testing.assert_allclose(pixel[:, :2] / pixel[:, 2:], np.stack([u + 0.5, v + 0.5], 1),
+                               atol=1e-3)

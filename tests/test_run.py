@@ -141,6 +141,7 @@ def _images(folder: Path, count: int) -> Path:
     ("latent_grid", "latent.grid_size=0.0 must be > 0"),
     ("concerto_unreachable", "cannot download concerto_large.pth"),
     ("latent_before_second_pass", "list latent after them"),
+    ("dynamic_voxels_without_masks", "latent.dynamic_voxels=true needs dynamic masks"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, case, needle):
     overrides = {
@@ -162,6 +163,7 @@ def test_bad_input_is_one_clear_line(tmp_path, case, needle):
         "latent_grid": ["latent.grid_size=0"],
         "concerto_unreachable": ["latent.encoder=large", "latent.weights=concerto_large"],
         "latent_before_second_pass": ["pipeline=[latent,second_pass]"],
+        "dynamic_voxels_without_masks": ["pipeline=[latent]", "latent.dynamic_voxels=true"],
     }[case]
     if case == "unreadable_image":
         (tmp_path / "broken" / "001.png").write_bytes(b"garbage")

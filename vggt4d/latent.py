@@ -261,49 +261,53 @@ class VoxelAggregates:
     last_frame: Tensor  # (V,) int64
     frames_seen: Tensor  # (V,) int64 distinct frames among the members
     dynamic: Tensor  # (V,) float32 fraction of dynamic members
+    dynamic_prob: Tensor  # (V,) float32 mean soft dynamic probability
     time_emb: Tensor  # (V, D_time) float32 mean time embedding
     cam_emb: Tensor  # (V, D_cam) float32 mean camera embedding
 
 
-def _segment_mean(values: Tensor, inverse: Tensor, count: Tensor) -> Tensor:
-    total = torch.zeros(len(count), values.shape[1], dtype=torch.float64, device=values.device)
-    total.index_add_(0, inverse, values.double())
-    return (total / count[:, None]).float()
+def _segment_sums(values: Tensor, order: Tensor, lengths: Tensor) -> Tensor:
+    """(S, C) float64 sums of the rows of ``values`` (N, C) taken in ``order`` (N,) and cut
+    into consecutive segments of ``lengths`` (S,): no atomics, so the same bits on every run."""
+    return torch.segment_reduce(values.double()[order], "sum", lengths=lengths, axis=0)
 
 
-def aggregate(inverse: Tensor, num_voxels: int, position: Tensor, color: Tensor, frame: Tensor,
-              dynamic: Tensor, time_emb: Tensor, cam_emb: Tensor) -> VoxelAggregates:
-    """Per-voxel aggregates of N points: ``inverse`` (N,) voxel of each point, ``position``
-    (N, 3), ``color`` (N, 3) uint8, ``frame`` (N,) int64, ``dynamic`` (N,) bool; per-frame
-    embeddings ``time_emb`` (T, D_time) and ``cam_emb`` (T, D_cam).
+def aggregate(voxels: Voxels, position: Tensor, color: Tensor, frame: Tensor, dynamic: Tensor,
+              dynamic_prob: Tensor, time_emb: Tensor, cam_emb: Tensor) -> VoxelAggregates:
+    """Per-voxel aggregates of N points grouped in ``voxels`` (their ``order`` and ``counts``):
+    ``position`` (N, 3), ``color`` (N, 3) uint8, ``frame`` (N,) int64, ``dynamic`` (N,) bool,
+    ``dynamic_prob`` (N,) float; per-frame embeddings ``time_emb`` (T, D_time) and ``cam_emb``
+    (T, D_cam).
 
     Frame-dependent means use the (voxel, frame) histogram:
     ``mean_e(v) = Σ_t n(v, t) e(t) / Σ_t n(v, t)``.
     """
-    device = inverse.device
-    num_frames = len(time_emb)
-    count = torch.bincount(inverse, minlength=num_voxels)
+    inverse, count = voxels.inverse, voxels.counts
+    num_voxels, num_frames = len(count), len(time_emb)
     pair, pair_count = torch.unique(inverse * num_frames + frame, return_counts=True)
-    pair_voxel, pair_frame = pair // num_frames, pair % num_frames
-    first = torch.full((num_voxels,), num_frames, dtype=torch.int64, device=device)
-    last = torch.full((num_voxels,), -1, dtype=torch.int64, device=device)
-    first.scatter_reduce_(0, pair_voxel, pair_frame, "amin")
-    last.scatter_reduce_(0, pair_voxel, pair_frame, "amax")
+    pair_voxel, pair_frame = pair // num_frames, pair % num_frames  # sorted by voxel
+    pairs_per_voxel = torch.bincount(pair_voxel, minlength=num_voxels)
+    pair_starts = torch.cumsum(pairs_per_voxel, 0) - pairs_per_voxel
+    last_pair = pair_starts + pairs_per_voxel - 1
+    per_point = torch.cat([position.double(), color.double() / 255.0,
+                           dynamic.double()[:, None], dynamic_prob.double()[:, None]], dim=1)
+    means = (_segment_sums(per_point, voxels.order, count) / count[:, None]).float()
     weights = pair_count.double()[:, None]
+    every_pair = torch.arange(len(pair), device=pair.device)
 
     def frame_mean(per_frame: Tensor) -> Tensor:
-        total = torch.zeros(num_voxels, per_frame.shape[1], dtype=torch.float64, device=device)
-        total.index_add_(0, pair_voxel, weights * per_frame.to(device)[pair_frame])
-        return (total / count[:, None]).float()
+        weighted = weights * per_frame.to(pair.device)[pair_frame]
+        return (_segment_sums(weighted, every_pair, pairs_per_voxel) / count[:, None]).float()
 
     return VoxelAggregates(
         count=count,
-        position=_segment_mean(position, inverse, count),
-        color=_segment_mean(color.double() / 255.0, inverse, count),
-        first_frame=first,
-        last_frame=last,
-        frames_seen=torch.bincount(pair_voxel, minlength=num_voxels),
-        dynamic=_segment_mean(dynamic.double()[:, None], inverse, count)[:, 0],
+        position=means[:, 0:3],
+        color=means[:, 3:6],
+        first_frame=pair_frame[pair_starts],
+        last_frame=pair_frame[last_pair],
+        frames_seen=pairs_per_voxel,
+        dynamic=means[:, 6],
+        dynamic_prob=means[:, 7],
         time_emb=frame_mean(time_emb),
         cam_emb=frame_mean(cam_emb),
     )
@@ -358,25 +362,30 @@ class SceneLatent:
     coord: Tensor  # (V, 3) int64 voxel coordinates
     aggregates: VoxelAggregates
     time_bin: Tensor | None  # (V,) 0 static, 1 + ⌊t / time_bin⌋ dynamic (dynamic_voxels)
-    pixel_voxel: Tensor  # (T, H, W) int64 voxel of every pixel, −1 filtered / not in a voxel
+    pixel_voxel: Tensor  # (T, H, W) int32 voxel of every pixel, −1 filtered / not in a voxel
     world_to_grid: Tensor  # (4, 4) float64: voxel = floor((world_to_grid @ [X, 1])[:3])
     world_to_enc: Tensor  # (4, 4) float64: X_enc = s R_up X_world − shift
     c2w: Tensor  # (T, 3, 4) float64 cameras in the encoder frame
     meta: dict = field(default_factory=dict)
 
     def to_dict(self, dtype: torch.dtype) -> dict:
+        """The file's content; every tensor in its own compact storage (``torch.save`` writes
+        whole storages: views or over-allocated outputs would add stray bytes)."""
         agg = self.aggregates
-        return {
-            "geo_feat": self.geo_feat.to(dtype), "coord": self.coord,
-            "color": agg.color.to(dtype), "time_emb": agg.time_emb.to(dtype),
-            "cam_emb": agg.cam_emb.to(dtype), "position": agg.position,
-            "counts": agg.count, "first_frame": agg.first_frame, "last_frame": agg.last_frame,
-            "frames_seen": agg.frames_seen, "dynamic": agg.dynamic, "time_bin": self.time_bin,
-            "pixel_voxel": self.pixel_voxel, "world_to_grid": self.world_to_grid,
-            "world_to_enc": self.world_to_enc, "c2w": self.c2w,
-            "grid_size": self.meta["grid_size"], "num_frames": self.meta["num_frames"],
-            "meta": self.meta,
-        }
+        floats = {"geo_feat": self.geo_feat, "color": agg.color, "time_emb": agg.time_emb,
+                  "cam_emb": agg.cam_emb}
+        exact = {"coord": self.coord, "position": agg.position, "counts": agg.count,
+                 "first_frame": agg.first_frame, "last_frame": agg.last_frame,
+                 "frames_seen": agg.frames_seen, "dynamic": agg.dynamic,
+                 "dynamic_prob": agg.dynamic_prob, "time_bin": self.time_bin,
+                 "pixel_voxel": self.pixel_voxel, "world_to_grid": self.world_to_grid,
+                 "world_to_enc": self.world_to_enc, "c2w": self.c2w}
+        tensors = {**{key: value.to(dtype) for key, value in floats.items()}, **exact}
+        compact = torch.contiguous_format
+        return {**{key: None if value is None else value.clone(memory_format=compact)
+                   for key, value in tensors.items()},
+                "grid_size": self.meta["grid_size"], "num_frames": self.meta["num_frames"],
+                "meta": self.meta}
 
 
 def affine(matrix_3x3: np.ndarray, offset: np.ndarray) -> np.ndarray:
@@ -398,25 +407,21 @@ def cameras_in_frame(extrinsics: np.ndarray, similarity: np.ndarray, scale: floa
 
 def scene_latent(cloud: PointCloud, extrinsics: np.ndarray, intrinsics: np.ndarray,
                  settings: LatentSettings, device: torch.device, encoder=None,
-                 max_per_frame: int = 0) -> SceneLatent:
+                 max_per_frame: int = 0, subsample_seed: int = 0) -> SceneLatent:
     """Tokens of a point cloud (module docstring): voxels of the points (at most
-    ``max_per_frame`` per frame, 0 = all), their aggregates, the encoder's features
-    (``encoder=None``: none) and every kept pixel's voxel."""
-    started = time.perf_counter()
-    built = cloud.points.subsample(max_per_frame, settings.seed)
+    ``max_per_frame`` per frame drawn with ``subsample_seed``, 0 = all), their aggregates, the
+    encoder's features (``encoder=None``: none) and every kept pixel's voxel. Random draws are
+    made on the CPU, so the result does not depend on ``device``."""
+    built = cloud.points.subsample(max_per_frame, subsample_seed)
     num_frames = cloud.num_frames
     height, width = cloud.kept.shape[1:]
 
-    def tensors(points: ScenePoints) -> dict[str, Tensor]:
-        return {"coord": torch.from_numpy(points.coord).to(device).double(),
-                "color": torch.from_numpy(points.color).to(device),
-                "normal": torch.from_numpy(points.normal).to(device),
-                "frame": torch.from_numpy(points.frame).to(device),
-                "dynamic": torch.from_numpy(points.dynamic).to(device)}
+    def upload(points: ScenePoints, *names: str) -> dict[str, Tensor]:
+        return {name: torch.from_numpy(getattr(points, name)).to(device) for name in names}
 
-    pts = tensors(built)
-    shift = center_shift(pts["coord"])
-    enc_coord = pts["coord"] - shift
+    pts = upload(built, "coord", "color", "normal", "frame", "dynamic", "dynamic_prob")
+    shift = center_shift(pts["coord"].double())
+    enc_coord = pts["coord"].double() - shift
     dynamic_args = (pts["frame"], pts["dynamic"], settings.time_bin) \
         if settings.dynamic_voxels else ()
     grid = build_tokens(enc_coord, settings.grid_size, settings.hash, *dynamic_args)
@@ -425,26 +430,29 @@ def scene_latent(cloud: PointCloud, extrinsics: np.ndarray, intrinsics: np.ndarr
     c2w_enc = cameras_in_frame(extrinsics, world_to_enc, cloud.scale)
     time_emb = time_embedding(frame_times(num_frames), settings.time_dim)
     cam_emb = camera_embedding(c2w_enc, intrinsics, (height, width), settings.camera_embedding)
-    aggregates = aggregate(voxels.inverse, len(voxels.keys), enc_coord, pts["color"],
-                           pts["frame"], pts["dynamic"], time_emb, cam_emb)
+    aggregates = aggregate(voxels, enc_coord, pts["color"], pts["frame"], pts["dynamic"],
+                           pts["dynamic_prob"], time_emb, cam_emb)
     geo_feat = torch.zeros(len(voxels.keys), 0, device=device)
     if encoder is not None:
         spatial = grid if not settings.dynamic_voxels else build_tokens(
             enc_coord, settings.grid_size, settings.hash)
-        generator = torch.Generator(device=device).manual_seed(settings.seed)
-        chosen = sample_train(spatial.voxels, generator)
+        chosen = sample_train(Voxels(**{name: getattr(spatial.voxels, name).cpu() for name in
+                                        Voxels.__dataclass_fields__}),
+                              torch.Generator().manual_seed(settings.seed)).to(device)
         features = encode_voxels(encoder, enc_coord[chosen].float(), spatial.voxels.grid_coord,
                                  pts["color"][chosen], pts["normal"][chosen], settings.levels,
                                  settings.seed)
-        token_spatial = spatial.voxels.inverse[voxels.order[voxels.starts]]
-        geo_feat = features[token_spatial]
-    everyone = tensors(cloud.points)
-    dynamic_all = (everyone["frame"], everyone["dynamic"], settings.time_bin) \
-        if settings.dynamic_voxels else ()
-    located = locate(grid, everyone["coord"] - shift, settings.grid_size, settings.hash,
-                     *dynamic_all)
-    pixel_voxel = torch.full((num_frames * height * width,), -1, dtype=torch.int64)
-    pixel_voxel[torch.from_numpy(cloud.points.pixel)] = located.cpu()
+        geo_feat = features[spatial.voxels.inverse[voxels.order[voxels.starts]]]
+    if len(built) == len(cloud.points):
+        located = voxels.inverse
+    else:
+        everyone = upload(cloud.points, "coord", "frame", "dynamic")
+        dynamic_all = (everyone["frame"], everyone["dynamic"], settings.time_bin) \
+            if settings.dynamic_voxels else ()
+        located = locate(grid, everyone["coord"].double() - shift, settings.grid_size,
+                         settings.hash, *dynamic_all)
+    pixel_voxel = torch.full((num_frames * height * width,), -1, dtype=torch.int32)
+    pixel_voxel[torch.from_numpy(cloud.points.pixel)] = located.cpu().int()
     cell_min = grid.cell_min.cpu().numpy().astype(np.float64)
     world_to_grid = affine(np.eye(3) / settings.grid_size, -cell_min) @ world_to_enc
     meta = {
@@ -459,7 +467,6 @@ def scene_latent(cloud: PointCloud, extrinsics: np.ndarray, intrinsics: np.ndarr
         "center_shift": shift.cpu().tolist(), "points": len(cloud.points),
         "points_voxelised": len(built), "max_per_frame": max_per_frame, "seed": settings.seed,
         "tokens": len(voxels.keys), "channels": int(geo_feat.shape[1]),
-        "seconds": round(time.perf_counter() - started, 3),
     }
     return SceneLatent(
         geo_feat=geo_feat.cpu(), coord=voxels.grid_coord.cpu(), aggregates=VoxelAggregates(
@@ -499,9 +506,9 @@ def write_ply(path: Path, latent: SceneLatent) -> None:
     atomic_write(path, lambda tmp: ply.write(str(tmp)))
 
 
-def _file_identity(path: str) -> list:
-    stat = Path(path).expanduser().stat()
-    return [str(Path(path).expanduser().resolve()), stat.st_size, stat.st_mtime_ns]
+def _file_identity(path: Path) -> list:
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
 class LatentStage:
@@ -528,10 +535,15 @@ class LatentStage:
         self.device = resolve_device(ctx.cfg.device, ctx.job.num)
         self.files = (OUTPUT, REPORT) + ((PLY,) if ctx.cfg.latent.ply else ())
         settings = ctx.cfg.latent
+        if settings.dynamic_voxels and "masks" not in names:
+            raise UserError("latent.dynamic_voxels=true needs dynamic masks: add masks to the "
+                            "pipeline before latent")
+        self.weights_file = None
         if settings.encoder != "none" and settings.weights != "random":
             from vggt4d.ptv3.checkpoint import resolve_checkpoint
 
-            resolve_checkpoint(settings.weights)  # downloads now: offline fails before DA3 runs
+            # downloads now, so an offline hub fails before DA3 runs
+            self.weights_file = resolve_checkpoint(settings.weights)
 
     def _inputs(self, ctx):
         prediction = ctx.artifacts.get("prediction_pass2", ctx.artifacts["prediction"])
@@ -549,12 +561,10 @@ class LatentStage:
                   prediction.intrinsics, prediction.frames]
         arrays += [] if prediction.sky is None else [prediction.sky]
         arrays += [] if masks is None else [masks.soft, masks.binary]
-        settings = ctx.cfg.latent
-        weights = settings.weights if settings.weights in RELEASED | {"random": None} \
-            or settings.encoder == "none" else _file_identity(settings.weights)
+        weights = None if self.weights_file is None else _file_identity(self.weights_file)
         return content_key(*(np.ascontiguousarray(a).tobytes() for a in arrays),
-                           asdict(ctx.cfg.points), asdict(settings), weights, self.scale_mode,
-                           __version__)
+                           asdict(ctx.cfg.points), asdict(ctx.cfg.latent), weights,
+                           self.scale_mode, self.device.type, __version__)
 
     def run(self, ctx) -> None:
         from vggt4d.points import scene_points
@@ -567,13 +577,16 @@ class LatentStage:
             dynamic_prob=None if masks is None else masks.soft,
             dynamic=None if masks is None else masks.binary)
         encoder = None if settings.encoder == "none" else build_encoder(settings, self.device)
+        started = time.perf_counter()
         latent = scene_latent(cloud, prediction.extrinsics, prediction.intrinsics, settings,
-                              self.device, encoder, points_cfg.max_per_frame)
+                              self.device, encoder, points_cfg.max_per_frame, points_cfg.seed)
         write_latent(ctx.out_dir / OUTPUT, latent, SAVE_DTYPES[settings.save_dtype])
         if settings.ply:
             write_ply(ctx.out_dir / PLY, latent)
         report = {**latent.meta, "dynamic_tokens": int((latent.aggregates.dynamic > 0.5).sum()),
-                  "pixels_in_tokens": int((latent.pixel_voxel >= 0).sum())}
+                  "pixels_in_tokens": int((latent.pixel_voxel >= 0).sum()),
+                  "seconds": round(time.perf_counter() - started, 3),
+                  "device": str(self.device)}
         atomic_write(ctx.out_dir / REPORT,
                      lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
         log.info("latent: %d tokens x %d channels from %d points (%s encoder), %.1f s",

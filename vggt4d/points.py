@@ -105,7 +105,7 @@ class ScenePoints:
     coord: np.ndarray  # (N, 3) float32 scene-frame position (z up, metres)
     color: np.ndarray  # (N, 3) uint8 RGB
     normal: np.ndarray  # (N, 3) float32 unit normal facing the camera, or zeros
-    frame: np.ndarray  # (N,) int64 frame (= camera) index
+    frame: np.ndarray  # (N,) int64 frame (= camera) index, non-decreasing
     pixel: np.ndarray  # (N,) int64 flat pixel index t·H·W + v·W + u
     dynamic_prob: np.ndarray  # (N,) float32 soft dynamic map, 0 without masks
     dynamic: np.ndarray  # (N,) bool binary dynamic mask, False without masks
@@ -124,8 +124,9 @@ class ScenePoints:
             return self
         rng = np.random.default_rng(seed)
         keep = np.zeros(len(self), dtype=bool)
-        for frame in np.unique(self.frame):
-            members = np.flatnonzero(self.frame == frame)
+        _, starts, counts = np.unique(self.frame, return_index=True, return_counts=True)
+        for start, count in zip(starts, counts, strict=True):  # points are in frame order
+            members = np.arange(start, start + count)
             if len(members) > max_per_frame:
                 members = rng.choice(members, size=max_per_frame, replace=False)
             keep[members] = True
@@ -218,26 +219,32 @@ def scene_points(depth: np.ndarray, conf: np.ndarray, frames: np.ndarray,
             f"no point is left after filtering {num_frames} frames (conf_percentile="
             f"{settings.conf_percentile}, sky_threshold={settings.sky_threshold}): lower "
             f"points.conf_percentile or raise points.sky_threshold")
-    world = backproject(depth, intrinsics, extrinsics)
     scale = 1.0 if scale_mode == "metric" else settings.median_depth / float(
         np.median(depth[kept]))
     transform = world_to_scene(scale, settings.up)
     rows, cols = transform[:3, :3], transform[:3, 3]
+    centres = camera_centres(extrinsics)
+    coord, normal = [], []
+    for t in range(num_frames):  # one frame's (H, W, 3) maps at a time bounds the memory
+        frame_kept = kept[t:t + 1]
+        flat = np.flatnonzero(frame_kept)
+        world = backproject(np.where(frame_kept, depth[t:t + 1], 0.0), intrinsics[t:t + 1],
+                            extrinsics[t:t + 1])
+        coord.append((world.reshape(-1, 3)[flat] @ rows.T + cols).astype(np.float32))
+        if settings.normals:
+            normals = estimate_normals(world, depth[t:t + 1], frame_kept, centres[t:t + 1],
+                                       settings.normal_max_jump)
+            normal.append((normals.reshape(-1, 3)[flat] @ (rows / scale).T).astype(np.float32))
+        else:
+            normal.append(np.zeros((len(flat), 3), np.float32))
     flat = np.flatnonzero(kept)
-    coord = world.reshape(-1, 3)[flat].astype(np.float64) @ rows.T + cols
-    if settings.normals:
-        normal_map = estimate_normals(world, depth, kept, camera_centres(extrinsics),
-                                      settings.normal_max_jump)
-        normal = normal_map.reshape(-1, 3)[flat] @ (rows / scale).T
-    else:
-        normal = np.zeros((len(flat), 3))
     prob = np.zeros(len(flat), np.float32) if dynamic_prob is None else \
         dynamic_prob.reshape(-1)[flat].astype(np.float32)
     moving = np.zeros(len(flat), bool) if dynamic is None else dynamic.reshape(-1)[flat]
     points = ScenePoints(
-        coord=coord.astype(np.float32),
+        coord=np.concatenate(coord),
         color=frames.reshape(-1, 3)[flat],
-        normal=normal.astype(np.float32),
+        normal=np.concatenate(normal),
         frame=flat // (height * width),
         pixel=flat,
         dynamic_prob=prob,

@@ -8,11 +8,13 @@ import math
 import pytest
 import torch
 
+from vggt4d import gridsample
 from vggt4d.errors import UserError
 from vggt4d.gridsample import (
     MAX_CELLS,
     fnv_hash,
     group,
+    group_sorted,
     ravel_hash,
     sample_test,
     sample_train,
@@ -112,6 +114,47 @@ def test_group_matches_brute_force(hash_type, grid_size):
     assert torch.allclose(min_coord.double(), torch.tensor(want_min, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("hash_type", ["fnv", "ravel"])
+def test_counting_and_sorting_paths_agree_with_brute_force(hash_type, monkeypatch):
+    """A dense cloud (the box has fewer cells than points) is grouped by counting per cell;
+    the sorting path on the same points and the brute force must give the same voxels."""
+    coord = random_cloud(3000, seed=13)
+    calls = []
+    counting = gridsample._group_dense
+    monkeypatch.setattr(gridsample, "_group_dense", lambda *a: calls.append(1) or counting(*a))
+    dense = group(coord, 0.09, hash_type)
+    assert calls, "the counting path was not taken"
+    sparse = group_sorted(coord, 0.09, hash_type)
+    keys, members, point_keys, cells = bf_group(coord, 0.09, hash_type)
+    for vox in (dense, sparse):
+        assert unsigned(vox.keys) == keys
+        assert vox.counts.tolist() == [len(members[k]) for k in keys]
+        voxel_index = {k: v for v, k in enumerate(keys)}
+        assert vox.inverse.tolist() == [voxel_index[k] for k in point_keys]
+        assert vox.order.tolist() == [i for k in keys for i in members[k]]
+        assert vox.grid_coord.tolist() == [list(cells[members[k][0]]) for k in keys]
+        assert vox.inverse.dtype == vox.counts.dtype == vox.grid_coord.dtype == torch.int64
+    assert torch.equal(dense.min_coord, sparse.min_coord)
+
+
+def test_cells_sharing_an_fnv_key_are_merged_as_pointcept_does(monkeypatch):
+    """With a hash that collides (x + y + z), Pointcept groups by key, merging cells: the
+    counting path must notice and give the same result as the brute force."""
+    def weak_hash(grid_coord: torch.Tensor) -> torch.Tensor:
+        return grid_coord.long().sum(dim=1)
+
+    monkeypatch.setattr(gridsample, "fnv_hash", weak_hash)
+    coord = random_cloud(3000, seed=14)
+    vox = group(coord, 0.09, "fnv")
+    raw = [tuple(math.floor(v / 0.09) for v in p) for p in coord.double().tolist()]
+    mins = [min(c[j] for c in raw) for j in range(3)]
+    keys = [sum(c[j] - mins[j] for j in range(3)) for c in raw]
+    merged = sorted(set(keys))
+    assert vox.keys.tolist() == merged
+    assert vox.counts.tolist() == [keys.count(k) for k in merged]
+    assert vox.inverse.tolist() == [merged.index(k) for k in keys]
+
+
 def test_voxel_order_is_unsigned():
     # x spans ~60000 cells, so the x term (multiplied by the prime twice) reaches the top bit
     coord = random_cloud(2000, seed=4) * torch.tensor([600.0, 1.0, 1.0])
@@ -140,6 +183,23 @@ def test_sample_train_one_member_per_voxel(hash_type):
     other = sample_train(vox, torch.Generator().manual_seed(8))
     assert not torch.equal(pick, other)  # multi-member voxels exist, so the seed matters
     assert vox.counts.max() > 1
+
+
+def test_sample_train_picks_every_member_equally_often():
+    """Four points in one voxel, two in another: over 4000 seeds each member is picked a share
+    of 1/4 (1/2) of the time (binomial 3-sigma bounds)."""
+    coord = torch.tensor([[0.01, 0.01, 0.01], [0.5, 0.5, 0.5], [0.02, 0.03, 0.01],
+                          [0.51, 0.52, 0.5], [0.03, 0.01, 0.04], [0.04, 0.04, 0.02]])
+    vox = group(coord, 0.05, "fnv")
+    picked = torch.zeros(len(coord), dtype=torch.int64)
+    seeds = 4000
+    for seed in range(seeds):
+        picked[sample_train(vox, torch.Generator().manual_seed(seed))] += 1
+    for members in ([0, 2, 4, 5], [1, 3]):
+        share = 1 / len(members)
+        sigma = math.sqrt(seeds * share * (1 - share))
+        for i in members:
+            assert abs(int(picked[i]) - seeds * share) < 3 * sigma, picked.tolist()
 
 
 @pytest.mark.parametrize("hash_type", ["fnv", "ravel"])

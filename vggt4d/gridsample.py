@@ -12,8 +12,10 @@ Semantics (Pointcept's ``GridSample`` transform, DESIGN.md §4):
 * :func:`group`: points are grouped by key; voxels are ordered by the key read as an **unsigned**
   64-bit integer (as numpy ``uint64`` sorts), members of a voxel by a stable sort (so in order of
   their input index).
-* :func:`sample_train`: one pseudo-random member per voxel (Pointcept's
-  ``start + randint(0, count.max()) % count``), seeded by a ``torch.Generator``.
+* :func:`sample_train`: one pseudo-random member per voxel, seeded by a ``torch.Generator``.
+  Pointcept takes member ``randint(0, count.max()) % count`` of its (unstable, so
+  implementation-defined) sort order; here every member is equally likely (the member with the
+  largest random priority), which needs no per-point sort.
 * :func:`sample_test`: ``count.max()`` parts, part ``i`` taking member ``i mod count`` of every
   voxel.
 
@@ -28,8 +30,19 @@ for bit against Python integers with ``& (2**64 − 1)``, including coordinates 
 every product overflows). XOR is bitwise and needs no care. Sorting as unsigned is done by
 flipping the sign bit (``key ^ −2**63``), which maps unsigned order onto signed order.
 
-FNV collisions (two different cells with one key) are not detected, as in Pointcept; the
+FNV collisions (two different cells with one key) merge the cells, as in Pointcept; the
 ``grid_coord`` stored per voxel is that of the voxel's first member.
+
+Speed
+-----
+Pointcept sorts all N keys. When the grid's bounding box holds at most :data:`DENSE_CELLS_PER_POINT`
+cells per point (any scene sampled densely enough to be worth voxelising), :func:`group` instead
+counts the points per cell of the box (``bincount`` of the row-major cell index), hashes and
+sorts only the V occupied cells, and maps every point to its voxel through a cell → voxel table:
+O(N + cells + V log V) instead of O(N log N), with the same keys, counts, inverse and voxel
+coordinates. The point order inside voxels (:attr:`Voxels.order`) is only computed (one stable
+sort) when asked for. Larger boxes, and the rare grids whose occupied cells share an FNV key,
+take the sorting path.
 """
 
 from __future__ import annotations
@@ -59,6 +72,10 @@ __all__ = [
 #: Most cells per axis: PTv3 serialises each axis of ``grid_coord`` in 16 bits.
 MAX_CELLS = 2**16 - 1
 
+#: :func:`group` counts points per cell of the bounding box when the box has at most this many
+#: cells per point (its tables then cost about as much memory as the sort they replace).
+DENSE_CELLS_PER_POINT = 4
+
 _FNV_OFFSET = 14695981039346656037 - 2**64  # the uint64 offset basis as an int64 bit pattern
 _FNV_PRIME = 1099511628211
 _SIGN_BIT = -(2**63)
@@ -66,15 +83,23 @@ _AXES = "xyz"
 
 
 def _check_coord(coord: Tensor) -> None:
+    """Raise :class:`UserError` unless ``coord`` is a non-empty float (N, 3) tensor (finiteness is
+    checked on the way, by :func:`_grid_box`)."""
     if coord.ndim != 2 or coord.shape[1] != 3:
         raise UserError(f"point coordinates must have shape (N, 3), got {tuple(coord.shape)}")
     if coord.shape[0] == 0:
         raise UserError("cannot grid-sample an empty point set")
     if not coord.is_floating_point():
         raise UserError(f"point coordinates must be floating point, got {coord.dtype}")
-    low, high = coord.aminmax(dim=0)  # NaN and inf reach the extremes: one pass, no bool copy
-    if not bool(torch.isfinite(low).all() & torch.isfinite(high).all()):
-        raise UserError("point coordinates contain NaN or infinite values")
+
+
+def _axis_major(coord: Tensor) -> Tensor:
+    """A checked (N, 3) point set as a (3, N) float64 working copy: contiguous per axis, so the
+    in-place steps and per-axis reductions that follow are single passes (on 8 M points a
+    fraction of the time the (N, 3) layout takes)."""
+    _check_coord(coord)
+    rows = torch.empty((3, coord.shape[0]), dtype=torch.float64, device=coord.device)
+    return rows.copy_(coord.t())
 
 
 def _check_grid_size(grid_size: float) -> None:
@@ -100,6 +125,40 @@ def cell_index(coord: Tensor, grid_size: float) -> Tensor:
     return torch.floor(coord.double() / float(grid_size)).long()
 
 
+def _grid_box(rows: Tensor, grid_size: float) -> tuple[list[int], list[int]]:
+    """(3, N) float64 coordinates → the smallest cell ``floor(min / g)`` and the number of cells
+    per axis.
+
+    ``x ↦ floor(x / g)`` (float64 division, ``g > 0``) is non-decreasing, so the extreme cells are
+    those of the extreme coordinates (NaN and inf reach the extremes too). Raises
+    :class:`UserError` for non-finite points and beyond :data:`MAX_CELLS` cells on an axis,
+    naming a grid size that fits.
+    """
+    _check_grid_size(grid_size)
+    low, high = rows.amin(dim=1), rows.amax(dim=1)  # two reductions beat one aminmax on CPU
+    if not bool(torch.isfinite(low).all() & torch.isfinite(high).all()):
+        raise UserError("point coordinates contain NaN or infinite values")
+    g = float(grid_size)
+    cell_min = torch.floor(low / g).long().tolist()
+    counts = [hi - lo + 1 for lo, hi in
+              zip(cell_min, torch.floor(high / g).long().tolist(), strict=True)]
+    for axis, n in enumerate(counts):
+        if n > MAX_CELLS:
+            extent = float(high[axis] - low[axis])
+            raise UserError(
+                f"point cloud spans {extent:.6g} m on axis {_AXES[axis]}: {n} cells of "
+                f"{grid_size} m, more than the {MAX_CELLS} PTv3 serialises; use a grid size "
+                f">= {_fitting_grid_size(extent):.6g} m"
+            )
+    return cell_min, counts
+
+
+def _min_coord(cell_min: list[int], grid_size: float, like: Tensor) -> Tensor:
+    """Pointcept's ``min_coord``: the world position of cell 0's corner, in ``like``'s dtype."""
+    return (torch.tensor(cell_min, dtype=torch.float64, device=like.device)
+            * float(grid_size)).to(like.dtype)
+
+
 def voxelize(coord: Tensor, grid_size: float) -> tuple[Tensor, Tensor]:
     """Integer cell of every point and the world position of cell 0's corner.
 
@@ -108,28 +167,16 @@ def voxelize(coord: Tensor, grid_size: float) -> tuple[Tensor, Tensor]:
     bad grid size, an empty or non-finite point set, or more than :data:`MAX_CELLS` cells on an
     axis.
     """
-    _check_grid_size(grid_size)
-    _check_coord(coord)
-    # axis-major (3, N) working copy: contiguous per axis, updated in place (8 M points: a
-    # fraction of the time the (N, 3) temporaries took); the result is its (N, 3) view
-    cells = torch.empty((coord.shape[1], coord.shape[0]), dtype=torch.float64,
-                        device=coord.device)
-    cells.copy_(coord.t()).div_(float(grid_size)).floor_()
-    cell_min = cells.amin(dim=1)
-    grid_coord = cells.sub_(cell_min[:, None]).long().t()
-    cell_min = cell_min.long()
-    counts = (grid_coord.amax(dim=0) + 1).tolist()
-    for axis, n in enumerate(counts):
-        if n > MAX_CELLS:
-            column = coord[:, axis].double()
-            extent = float(column.max() - column.min())
-            raise UserError(
-                f"point cloud spans {extent:.6g} m on axis {_AXES[axis]}: {n} cells of "
-                f"{grid_size} m, more than the {MAX_CELLS} PTv3 serialises; use a grid size "
-                f">= {_fitting_grid_size(extent):.6g} m"
-            )
-    min_coord = (cell_min.double() * float(grid_size)).to(coord.dtype)
-    return grid_coord, min_coord
+    rows = _axis_major(coord)
+    cell_min, _ = _grid_box(rows, grid_size)
+    return _grid_coord(rows, grid_size, cell_min), _min_coord(cell_min, grid_size, coord)
+
+
+def _grid_coord(rows: Tensor, grid_size: float, cell_min: list[int]) -> Tensor:
+    """(3, N) float64 coordinates (consumed) → (N, 3) int64 ``floor(x / g) − cell_min``."""
+    rows.div_(float(grid_size)).floor_()
+    rows.sub_(torch.tensor(cell_min, dtype=torch.float64, device=rows.device)[:, None])
+    return rows.long().t()
 
 
 def fnv_hash(grid_coord: Tensor) -> Tensor:
@@ -160,33 +207,103 @@ def ravel_hash(grid_coord: Tensor) -> Tensor:
     return key
 
 
-@dataclass
+@dataclass(eq=False)
 class Voxels:
     """Points grouped by voxel; voxels in order of their key read as uint64."""
 
     keys: Tensor  # (V,) sorted unique hash keys (uint64 bit patterns in int64)
-    inverse: Tensor  # (N,) voxel index of each point
-    counts: Tensor  # (V,) points per voxel
-    order: Tensor  # (N,) point indices sorted by key (stable)
+    inverse: Tensor  # (N,) int64 voxel index of each point
+    counts: Tensor  # (V,) int64 points per voxel
     grid_coord: Tensor  # (V, 3) int64 voxel coordinate of each voxel
     min_coord: Tensor  # (3,) world position of cell 0's corner
+    sorted_members: Tensor | None = None
+    """(N,) point indices grouped by voxel, members in input order (see :attr:`order`)."""
+
+    @property
+    def order(self) -> Tensor:
+        """(N,) point indices sorted by voxel, members of a voxel in input order (a stable sort of
+        :attr:`inverse`, made on first use and kept)."""
+        if self.sorted_members is None:
+            index = self.inverse.int() if len(self.keys) < 2**31 else self.inverse
+            self.sorted_members = torch.sort(index, stable=True).indices
+        return self.sorted_members
 
     @property
     def starts(self) -> Tensor:
         """(V,) position in :attr:`order` of each voxel's first member."""
         return torch.cumsum(self.counts, 0) - self.counts
 
+    def to(self, device: torch.device | str) -> Voxels:
+        """The same grouping with every tensor on ``device``."""
+        return Voxels(**{name: None if value is None else value.to(device)
+                         for name, value in vars(self).items()})
+
 
 def group(coord: Tensor, grid_size: float, hash_type: str = "fnv") -> Voxels:
     """Voxelise ``coord`` (N, 3) at ``grid_size`` and group the points by hash key.
 
-    ``hash_type`` is ``"fnv"``; anything else means ``"ravel"`` (as in Pointcept).
+    ``hash_type`` is ``"fnv"``; anything else means ``"ravel"`` (as in Pointcept). Counts points
+    per cell of the bounding box when it is small enough (module docstring, *Speed*), else sorts
+    the points' keys (:func:`group_sorted`); both give the same result.
     """
+    rows = _axis_major(coord)
+    cell_min, counts = _grid_box(rows, grid_size)
+    min_coord = _min_coord(cell_min, grid_size, coord)
+    if math.prod(counts) <= DENSE_CELLS_PER_POINT * coord.shape[0]:
+        voxels = _group_dense(_box_index(rows, grid_size, cell_min, counts), counts,
+                              hash_type, min_coord)
+        return group_sorted(coord, grid_size, hash_type) if voxels is None else voxels
+    return _group_cells(_grid_coord(rows, grid_size, cell_min), min_coord, hash_type)
+
+
+def group_sorted(coord: Tensor, grid_size: float, hash_type: str = "fnv") -> Voxels:
+    """:func:`group` by sorting all N keys, as Pointcept does (any grid)."""
     grid_coord, min_coord = voxelize(coord, grid_size)
+    return _group_cells(grid_coord, min_coord, hash_type)
+
+
+def _group_cells(grid_coord: Tensor, min_coord: Tensor, hash_type: str) -> Voxels:
     if hash_type == "fnv":
         return group_by_key(fnv_hash(grid_coord), grid_coord, min_coord, small_keys=False)
     key = ravel_hash(grid_coord)  # >= 0
     return group_by_key(key, grid_coord, min_coord, small_keys=int(key.max()) < 2**31)
+
+
+def _box_index(rows: Tensor, grid_size: float, cell_min: list[int], counts: list[int]
+               ) -> Tensor:
+    """(3, N) float64 coordinates (consumed) → (N,) int64 row-major index of every point's cell
+    in the grid's bounding box, ``((x − x₀)·D_y + (y − y₀))·D_z + (z − z₀)`` with
+    ``(x, y, z) = floor(coord / g)`` (exact in float64: the box holds far fewer than 2**53
+    cells)."""
+    rows.div_(float(grid_size)).floor_()
+    strides = (counts[1] * counts[2], counts[2], 1)
+    index = rows[2].add_(rows[1], alpha=strides[1]).add_(rows[0], alpha=strides[0])
+    offset = sum(low * stride for low, stride in zip(cell_min, strides, strict=True))
+    return index.sub_(offset).long()
+
+
+def _group_dense(box_index: Tensor, counts: list[int], hash_type: str, min_coord: Tensor
+                 ) -> Voxels | None:
+    """:func:`group` from every point's (N,) bounding-box cell index through per-cell counts;
+    ``None`` when two occupied cells share an FNV key (Pointcept merges them: left to the
+    sorting path)."""
+    per_cell = torch.bincount(box_index, minlength=math.prod(counts))
+    cells = torch.nonzero(per_cell).squeeze(1)  # occupied cells in row-major (= ravel) order
+    grid_coord = torch.stack([cells // (counts[1] * counts[2]), cells // counts[2] % counts[1],
+                              cells % counts[2]], dim=1)
+    if hash_type == "fnv":
+        sorted_keys, rank = torch.sort(unsigned_order(fnv_hash(grid_coord)))
+        if bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
+            return None
+        keys, cells, grid_coord = unsigned_order(sorted_keys), cells[rank], grid_coord[rank]
+    else:
+        keys = cells  # the ravel key over max + 1 cells per axis is the box index
+    voxel_counts = per_cell[cells]
+    voxel_of_cell = per_cell  # reused: only occupied cells are ever read back
+    voxel_of_cell[cells] = torch.arange(len(cells), device=cells.device)
+    inverse = voxel_of_cell.index_select(0, box_index)  # faster than [box_index] on the CPU
+    return Voxels(keys=keys, inverse=inverse, counts=voxel_counts, grid_coord=grid_coord,
+                  min_coord=min_coord)
 
 
 def unsigned_order(key: Tensor) -> Tensor:
@@ -223,28 +340,31 @@ def group_by_key(key: Tensor, grid_coord: Tensor, min_coord: Tensor,
         keys=sorted_keys,
         inverse=inverse,
         counts=counts,
-        order=order,
         grid_coord=grid_coord[order[starts]],
         min_coord=min_coord,
+        sorted_members=order,
     )
 
 
 def sample_train(voxels: Voxels, generator: torch.Generator | None = None) -> Tensor:
     """(V,) one pseudo-random member (a point index) of every voxel.
 
-    Member ``randint(0, counts.max()) % count`` of each voxel; ``generator`` must live on the
-    device of the voxels (``None``: torch's global generator).
+    Every point draws a uniform ``r`` in ``[0, 1)`` (float32: 2**24 values); a voxel takes the
+    member with the largest ``(r, index)``: one ``scatter_reduce`` of ``bits(r) · 2**32 + index``
+    (the bit pattern of a non-negative float orders as the float), the same on every run and
+    device for the same draws. Every member is equally likely up to ties of ``r`` (probability
+    below ``count / 2**24`` per voxel). ``generator`` must live on the device of the voxels
+    (``None``: torch's global generator).
     """
-    counts = voxels.counts
-    draw = torch.randint(
-        0,
-        int(counts.max()),
-        counts.shape,
-        generator=generator,
-        device=counts.device,
-        dtype=torch.int64,
-    )
-    return voxels.order[voxels.starts + draw % counts]
+    inverse = voxels.inverse
+    count = inverse.shape[0]
+    if count >= 2**32:
+        raise UserError(f"cannot sample among {count} points (at most 2**32 - 1)")
+    draw = torch.rand(count, generator=generator, device=inverse.device).view(torch.int32)
+    priority = torch.arange(count, device=inverse.device).add_(draw.long(), alpha=2**32)
+    best = torch.full((len(voxels.keys),), -1, dtype=torch.int64, device=inverse.device)
+    best.scatter_reduce_(0, inverse, priority, "amax")
+    return best.bitwise_and_(2**32 - 1)
 
 
 def sample_test(voxels: Voxels) -> list[Tensor]:

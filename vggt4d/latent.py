@@ -51,6 +51,7 @@ from vggt4d.gridsample import (
     Voxels,
     cell_index,
     fnv_hash,
+    group,
     group_by_key,
     ravel_hash,
     sample_train,
@@ -209,11 +210,10 @@ def build_tokens(coord: Tensor, grid_size: float, hash_type: str, frame: Tensor 
                  dynamic: Tensor | None = None, time_bin: int = 1) -> TokenGrid:
     """Group (N, 3) encoder-frame points into voxels; with ``frame`` and ``dynamic`` (N,) the
     dynamic points are keyed in (x, y, z, bin) (module docstring, step 2)."""
-    grid_coord, min_coord = voxelize(coord, grid_size)
-    cell_min = cell_index(coord, grid_size).amin(dim=0)
+    cell_min = cell_index(coord.amin(dim=0, keepdim=True), grid_size)[0]  # floor is monotone
     if dynamic is None:
-        return TokenGrid(group_by_key(_hash(grid_coord, hash_type), grid_coord, min_coord),
-                         cell_min, None)
+        return TokenGrid(group(coord, grid_size, hash_type), cell_min, None)
+    grid_coord, min_coord = voxelize(coord, grid_size)
     bins = time_bins(frame, dynamic, time_bin)
     key = _hash(torch.cat([grid_coord, bins[:, None]], dim=1), hash_type)
     voxels = group_by_key(key, grid_coord, min_coord)
@@ -436,8 +436,7 @@ def scene_latent(cloud: PointCloud, extrinsics: np.ndarray, intrinsics: np.ndarr
     if encoder is not None:
         spatial = grid if not settings.dynamic_voxels else build_tokens(
             enc_coord, settings.grid_size, settings.hash)
-        chosen = sample_train(Voxels(**{name: getattr(spatial.voxels, name).cpu() for name in
-                                        Voxels.__dataclass_fields__}),
+        chosen = sample_train(spatial.voxels.to("cpu"),
                               torch.Generator().manual_seed(settings.seed)).to(device)
         features = encode_voxels(encoder, enc_coord[chosen].float(), spatial.voxels.grid_coord,
                                  pts["color"][chosen], pts["normal"][chosen], settings.levels,

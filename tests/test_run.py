@@ -142,6 +142,7 @@ def _images(folder: Path, count: int) -> Path:
     ("concerto_unreachable", "cannot download concerto_large.pth"),
     ("latent_before_second_pass", "list latent after them"),
     ("dynamic_voxels_without_masks", "latent.dynamic_voxels=true needs dynamic masks"),
+    ("latent_without_cameras", "da3mono-large predicts depth only"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, case, needle):
     overrides = {
@@ -164,6 +165,7 @@ def test_bad_input_is_one_clear_line(tmp_path, case, needle):
         "concerto_unreachable": ["latent.encoder=large", "latent.weights=concerto_large"],
         "latent_before_second_pass": ["pipeline=[latent,second_pass]"],
         "dynamic_voxels_without_masks": ["pipeline=[latent]", "latent.dynamic_voxels=true"],
+        "latent_without_cameras": ["model=da3mono-large", "pipeline=[predict,latent]"],
     }[case]
     if case == "unreadable_image":
         (tmp_path / "broken" / "001.png").write_bytes(b"garbage")
@@ -174,8 +176,28 @@ def test_bad_input_is_one_clear_line(tmp_path, case, needle):
         base = [o for o in base if not o.startswith("model.weights")]
     if case == "concerto_unreachable":
         base = [o for o in base if not o.startswith("latent.")]
+    if case == "latent_without_cameras":
+        base = [o for o in base if not o.startswith("model=")]
     result = run_cli(tmp_path, *base, *overrides)
     assert_user_error(result, needle, tmp_path / "job")
+
+
+def test_depth_only_models_run_without_cameras(tmp_path):
+    """da3mono-large has no camera head: no conf/extrinsics/intrinsics in prediction.npz, poses
+    not scored, the second pass compares depth only."""
+    result = run_cli(tmp_path, "model=da3mono-large", "model.weights=random", "process_res=112",
+                     "data.num_frames=3", "logger=none",
+                     "pipeline=[predict,gram,maps,masks,second_pass,eval]")
+    assert result.returncode == 0, result.stderr
+    job = tmp_path / "job"
+    with np.load(job / "prediction.npz") as data:
+        assert data["depth"].shape == data["sky"].shape == (3, 84, 112)
+        assert not {"conf", "extrinsics", "intrinsics"} & set(data.files)
+    metrics = json.loads((job / "metrics.json").read_text())
+    for name in ("pass1", "pass2"):
+        assert "predicts no cameras" in metrics["geometry"][name]["pose"]["skipped"]
+        assert 0 < metrics["geometry"][name]["depth"]["abs_rel"] < 1
+    assert "skipped" in json.loads((job / "second_pass.json").read_text())
 
 
 def test_unknown_model_lists_the_known_ones(tmp_path):

@@ -81,6 +81,9 @@ class ModelConfig:
     out_layers: list[int] = field(default_factory=list)
     patch_start_idx: int = 1
     hooked_network: str = ""
+    camera_head: bool = True
+    """Whether the hooked network predicts cameras and a depth confidence (the mono and metric
+    models predict depth, and sky, only)."""
     weights: str = MISSING
     ref_view_strategy: str = "saddle_balanced"
     bands: BandsConfig = field(default_factory=BandsConfig)
@@ -338,6 +341,14 @@ def band_layers(bands: BandsConfig,
 def cue_bands(run: RunConfig) -> dict[str, tuple[int, ...]]:
     """The blocks of each cue band as configured (``maps.global_only`` applied)."""
     return band_layers(run.bands, run.model.global_blocks if run.maps.global_only else None)
+
+
+def require_cameras(model: ModelConfig, stage: str) -> None:
+    """Raise :class:`UserError` when ``stage`` needs DA3's cameras and ``model`` predicts none."""
+    if not model.camera_head:
+        raise UserError(f"{stage} needs camera poses, but {model.name} predicts depth only (no "
+                        f"camera head): use da3-large, da3-giant or da3nested-giant-large, or "
+                        f"remove {stage} from the pipeline")
 
 
 def _check_layers(name: str, layers: list[int], num_blocks: int) -> None:

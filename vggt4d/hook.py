@@ -143,15 +143,20 @@ QKConsumer = Callable[[BlockQK], None]
 TokenConsumer = Callable[[BlockTokens], None]
 
 
+def hooked_net(net: nn.Module, hooked_network: str = "") -> nn.Module:
+    """``net[.hooked_network]``: the ``DepthAnything3Net`` whose attention is hooked."""
+    model = net
+    for name in filter(None, hooked_network.split(".")):
+        model = getattr(model, name)
+    return model
+
+
 def hooked_backbone(net: nn.Module, hooked_network: str = "") -> nn.Module:
     """The ``DinoV2`` backbone of ``net[.hooked_network]``; its ViT is ``.pretrained``.
 
     Its forward receives the ``(B, T, 3, H, W)`` images, so a pre-hook there starts each clip.
     """
-    model = net
-    for name in filter(None, hooked_network.split(".")):
-        model = getattr(model, name)
-    return model.backbone
+    return hooked_net(net, hooked_network).backbone
 
 
 def is_global_block(layer: int, alt_start: int) -> bool:

@@ -520,8 +520,10 @@ class LatentStage:
     AFTER = ("masks", "refine", "second_pass")
 
     def check(self, ctx) -> None:
+        from vggt4d.config import require_cameras
         from vggt4d.resources import resolve_device
 
+        require_cameras(ctx.cfg.model, "latent")
         ctx.cfg.points.validate()
         ctx.cfg.latent.validate()
         self.scale_mode = ctx.cfg.points.scale_mode(ctx.cfg.model.name)

@@ -23,7 +23,7 @@ from torch import nn
 
 from vggt4d.config import ModelConfig
 from vggt4d.errors import UserError
-from vggt4d.hook import hooked_backbone, is_global_block
+from vggt4d.hook import hooked_backbone, hooked_net, is_global_block
 
 CHECKPOINT_PREFIX = "model."
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -60,6 +60,7 @@ def depth_table(net: nn.Module, hooked_network: str) -> dict[str, object]:
         "global_blocks": [i for i in range(len(vit.blocks)) if is_global_block(i, vit.alt_start)],
         "out_layers": list(backbone.out_layers),
         "patch_start_idx": vit.patch_start_idx,
+        "camera_head": getattr(hooked_net(net, hooked_network), "cam_dec", None) is not None,
     }
 
 

@@ -14,9 +14,10 @@ colour indices are depth indices — the seed scripts' resolution mix-up cannot 
 * dynamic probability (the masks stage's soft map) and dynamic flag (its binary mask, the
   refined one when present); zero without masks.
 
-Filters: finite positive depth; confidence at least the clip's ``conf_percentile``-th percentile
-(DA3's confidence is ``1 + exp(x) ≥ 1``, so fixed thresholds such as 0.7 filter nothing: the
-seed scripts' defect 1); sky probability below ``sky_threshold`` when the model has a sky head.
+Filters: finite positive depth, below ``max_depth`` when set; confidence at least the clip's
+``conf_percentile``-th percentile (DA3's confidence is ``1 + exp(x) ≥ 1``, so fixed thresholds such
+as 0.7 filter nothing: the seed scripts' defect 1); sky probability below ``sky_threshold`` when
+the model has a sky head.
 
 Encoder frame (Concerto/PTv3 expects z up and metres): ``X_e = s · R_up X`` with ``R_up`` the
 rotation by −90° about x, ``(x, y, z) ↦ (x, z, −y)`` (OpenCV's y points down, so −y is up), and
@@ -56,6 +57,9 @@ class PointsSettings:
     sky_threshold: float = 0.3
     """Drop pixels whose sky probability is ≥ this (DA3's own threshold); models without a sky
     head keep every pixel."""
+    max_depth: float = 0.0
+    """Drop pixels whose DA3 depth is not below this (in DA3's depth units, before scaling; the
+    token script's 50); 0 = no limit."""
     max_per_frame: int = 0
     """Seeded random subsample of at most this many points per frame builds the voxels (the
     token script's 50000); 0 = all. Every kept pixel still gets its voxel index."""
@@ -76,6 +80,8 @@ class PointsSettings:
             raise UserError(f"points.conf_percentile={self.conf_percentile} must be in [0, 100)")
         if not 0 < self.sky_threshold <= 1:
             raise UserError(f"points.sky_threshold={self.sky_threshold} must be in (0, 1]")
+        if not self.max_depth >= 0:
+            raise UserError(f"points.max_depth={self.max_depth} must be >= 0 (0 = no limit)")
         if self.max_per_frame < 0:
             raise UserError(f"points.max_per_frame={self.max_per_frame} must be >= 0 (0 = all)")
         if self.scale not in SCALES:
@@ -145,14 +151,17 @@ class PointCloud:
     num_frames: int
 
 
-def keep_mask(depth: np.ndarray, conf: np.ndarray, sky: np.ndarray | None,
+def keep_mask(depth: np.ndarray, conf: np.ndarray | None, sky: np.ndarray | None,
               settings: PointsSettings) -> np.ndarray:
-    """(T, H, W) bool: finite positive depth, confidence ≥ the clip's ``conf_percentile``-th
-    percentile (over valid-depth pixels), sky probability < ``sky_threshold``."""
+    """(T, H, W) bool: finite positive depth (below ``max_depth`` when set), confidence ≥ the
+    clip's ``conf_percentile``-th percentile (over valid-depth pixels; models without a
+    confidence keep all), sky probability < ``sky_threshold``."""
     keep = np.isfinite(depth) & (depth > 0)
+    if settings.max_depth > 0:
+        keep &= depth < settings.max_depth
     if sky is not None:
         keep &= ~(sky >= settings.sky_threshold)
-    if settings.conf_percentile > 0 and keep.any():
+    if conf is not None and settings.conf_percentile > 0 and keep.any():
         keep &= conf >= np.percentile(conf[keep], settings.conf_percentile)
     return keep
 
@@ -217,8 +226,9 @@ def scene_points(depth: np.ndarray, conf: np.ndarray, frames: np.ndarray,
     if not kept.any():
         raise UserError(
             f"no point is left after filtering {num_frames} frames (conf_percentile="
-            f"{settings.conf_percentile}, sky_threshold={settings.sky_threshold}): lower "
-            f"points.conf_percentile or raise points.sky_threshold")
+            f"{settings.conf_percentile}, sky_threshold={settings.sky_threshold}, max_depth="
+            f"{settings.max_depth}): lower points.conf_percentile, raise points.sky_threshold "
+            f"or points.max_depth (0 = no limit)")
     scale = 1.0 if scale_mode == "metric" else settings.median_depth / float(
         np.median(depth[kept]))
     transform = world_to_scene(scale, settings.up)

@@ -6,6 +6,8 @@ extrinsics (T, 3, 4) world-to-camera (OpenCV); intrinsics (T, 3, 3) in processin
 frames (T, H, W, 3) uint8, the processed frames; grid (2,) the patch grid (h, w);
 sky (T, H, W) float32, present only for models with a sky head (da3mono/da3metric, and the
 nested model through its metric branch): DA3 calls a pixel sky when this is ≥ 0.3.
+The mono and metric models have no camera head: they predict neither cameras nor a confidence,
+so conf, extrinsics and intrinsics are absent (``None``) for them (``model.camera_head``).
 """
 
 from __future__ import annotations
@@ -58,21 +60,23 @@ from vggt4d.resources import (
 log = logging.getLogger(__name__)
 
 
+OPTIONAL_OUTPUTS = ("conf", "extrinsics", "intrinsics", "sky")
+"""Prediction fields that only some models have (module docstring)."""
+
+
 @dataclass
 class Prediction:
     depth: np.ndarray
-    conf: np.ndarray
-    extrinsics: np.ndarray
-    intrinsics: np.ndarray
+    conf: np.ndarray | None
+    extrinsics: np.ndarray | None
+    intrinsics: np.ndarray | None
     frames: np.ndarray
     grid: tuple[int, int]
     sky: np.ndarray | None = None
 
     def save(self, path: Path) -> Path:
-        arrays = {name: getattr(self, name)
-                  for name in ("depth", "conf", "extrinsics", "intrinsics", "frames")}
-        if self.sky is not None:
-            arrays["sky"] = self.sky
+        arrays = {name: value for name in ("depth", "frames", *OPTIONAL_OUTPUTS)
+                  if (value := getattr(self, name)) is not None}
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as handle:
@@ -83,10 +87,9 @@ class Prediction:
     @classmethod
     def load(cls, path: Path) -> Prediction:
         with np.load(path) as data:
-            fields = {name: data[name] for name in
-                      ("depth", "conf", "extrinsics", "intrinsics", "frames")}
-            sky = data.get("sky")
-            return cls(grid=tuple(int(v) for v in data["grid"]), sky=sky, **fields)
+            return cls(depth=data["depth"], frames=data["frames"],
+                       grid=tuple(int(v) for v in data["grid"]),
+                       **{name: data.get(name) for name in OPTIONAL_OUTPUTS})
 
 
 @contextlib.contextmanager
@@ -163,13 +166,17 @@ def run_forward(
                      ref_view_strategy=ref_view_strategy)
     sky = output.get("sky", metric_branch.get("sky"))
 
-    def numpy(name: str) -> np.ndarray:
-        return output[name][0].float().cpu().numpy()
+    def numpy(name: str) -> np.ndarray | None:
+        """The output ``name`` of the clip, ``None`` when the model has no such head (DA3's
+        output is an addict ``Dict``: a missing key reads as an empty ``Dict``, not a tensor)."""
+        value = output.get(name)
+        return value[0].float().cpu().numpy() if isinstance(value, torch.Tensor) else None
 
+    extrinsics = numpy("extrinsics")
     return Prediction(
         depth=numpy("depth"),
         conf=numpy("depth_conf"),
-        extrinsics=numpy("extrinsics")[:, :3, :4],
+        extrinsics=None if extrinsics is None else extrinsics[:, :3, :4],
         intrinsics=numpy("intrinsics"),
         frames=frames,
         grid=(height // PATCH_SIZE, width // PATCH_SIZE),

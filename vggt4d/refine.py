@@ -487,6 +487,9 @@ class RefineStage(UncachedStage):
     provides = ("refined_masks",)
 
     def check(self, ctx) -> None:
+        from vggt4d.config import require_cameras
+
+        require_cameras(ctx.cfg.model, "refine")
         ctx.cfg.refine.validate()
 
     def run(self, ctx) -> None:

@@ -122,9 +122,13 @@ class SecondPassStage:
         for t in range(len(second.depth)):
             write_png(ctx.out_dir / "depth_compare" / f"frame{t:03d}.png",
                       depth_comparison(first.depth[t], second.depth[t]))
-        difference = pose_difference(first.extrinsics, second.extrinsics)
+        if first.extrinsics is None:
+            difference = {"skipped": f"{ctx.cfg.model.name} predicts no cameras"}
+            log.info("second pass: depth only (%s)", difference["skipped"])
+        else:
+            difference = pose_difference(first.extrinsics, second.extrinsics)
+            log.info("second pass: mean pose change %.3f deg, %.4f (units of the scene)",
+                     difference["mean_rotation_deg"], difference["mean_translation"])
         atomic_write(ctx.out_dir / REPORT,
                      lambda tmp: tmp.write_text(json.dumps(difference, indent=2) + "\n"))
         ctx.artifacts["prediction_pass2"] = second
-        log.info("second pass: mean pose change %.3f deg, %.4f (units of the scene)",
-                 difference["mean_rotation_deg"], difference["mean_translation"])

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from vggt4d.errors import UserError
-from vggt4d.ptv3.checkpoint import load_encoder, save_checkpoint
+from vggt4d.ptv3.checkpoint import check_checkpoint, load_encoder, save_checkpoint
 from vggt4d.ptv3.model import (
     VARIANTS,
     Block,
@@ -95,6 +95,35 @@ def test_checkpoint_round_trip_gives_identical_features(tmp_path):
     voxels = _voxels((300,))
     for ours, theirs in zip(_encode(model, voxels), _encode(loaded, voxels), strict=True):
         assert torch.equal(ours.feat, theirs.feat)
+
+
+def test_a_half_precision_checkpoint_loads_into_float32_weights(tmp_path):
+    """As Concerto's load copies into float32 parameters: the features equal those of a float32
+    encoder holding the half-rounded weights."""
+    model = _model()
+    half = {key: value.half() if value.is_floating_point() else value
+            for key, value in model.state_dict().items()}
+    loaded = load_encoder(_write(tmp_path / "half.pth", half), "tiny")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    reference = PTv3Encoder(TINY).eval()
+    reference.load_state_dict({key: value.float() for key, value in half.items()})
+    voxels = _voxels((300,))
+    for ours, theirs in zip(_encode(loaded, voxels), _encode(reference, voxels), strict=True):
+        assert torch.equal(ours.feat, theirs.feat)
+
+
+def test_check_checkpoint_refuses_what_loading_refuses_without_loading(tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path / "tiny.pth", _model())
+    assert check_checkpoint(path, "tiny") == path
+    assert "enc_depths" in _one_line_error(lambda: check_checkpoint(path, "small"))
+    state = {k: v for k, v in PTv3Encoder(TINY).state_dict().items() if "enc4" not in k}
+    message = _one_line_error(lambda: check_checkpoint(_write(tmp_path / "m.pth", state), "tiny"))
+    assert "missing keys enc.enc4" in message
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    check_checkpoint(path, "tiny")
+    assert loads and all(call.get("mmap") for call in loads)  # memory-mapped, not read in
 
 
 def _write(path, state_dict, config=None):

@@ -182,6 +182,34 @@ def test_bad_input_is_one_clear_line(tmp_path, case, needle):
     assert_user_error(result, needle, tmp_path / "job")
 
 
+def test_a_bad_encoder_checkpoint_is_refused_before_da3_runs(tmp_path):
+    from vggt4d.ptv3.checkpoint import save_checkpoint
+    from vggt4d.ptv3.model import VARIANTS, PTv3Encoder
+
+    path = save_checkpoint(tmp_path / "tiny.pth", PTv3Encoder(VARIANTS["tiny"]))
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["state_dict"]["enc.enc2.block0.attn.qkv.weight"]
+    torch.save(checkpoint, path)
+    result = run_cli(tmp_path, *[o for o in FAST if not o.startswith("latent.")],
+                     "latent.encoder=tiny", f"latent.weights={path}")
+    assert_user_error(result, "missing keys enc.enc2.block0.attn.qkv.weight", tmp_path / "job")
+    assert "DA3 blocks" not in result.stderr  # refused before the forward
+
+
+def test_an_error_after_results_keeps_them_and_ends_the_log(tmp_path):
+    """A grid too fine for the clip is only known once DA3 has run: the prediction stays (and is
+    cached), the log ends with the error line, no partial scene_latent.pt is left."""
+    result = run_cli(tmp_path, *FAST, "latent.grid_size=1e-6")
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "use a grid size >=" in errors[0], result.stderr
+    job = tmp_path / "job"
+    assert (job / "prediction.npz").is_file() and not (job / "scene_latent.pt").exists()
+    assert not [p for p in job.rglob("*") if ".tmp" in p.name]
+    last = (job / "run.log").read_text().strip().splitlines()[-1]
+    assert "ERROR" in last and errors[0].removeprefix("error: ") in last
+
+
 def test_depth_only_models_run_without_cameras(tmp_path):
     """da3mono-large has no camera head: no conf/extrinsics/intrinsics in prediction.npz, poses
     not scored, the second pass compares depth only."""

@@ -318,6 +318,11 @@ def aggregate(voxels: Voxels, position: Tensor, color: Tensor, frame: Tensor, dy
 # ------------------------------------------------------------------------------------------
 
 
+def encoder_overrides(settings: LatentSettings) -> dict[str, object]:
+    """Run-time PTv3 config fields set from ``latent.*`` (applied to released weights too)."""
+    return {"shuffle_orders": settings.shuffle_orders}
+
+
 def build_encoder(settings: LatentSettings, device: torch.device):
     """The PTv3 encoder of ``settings`` (released or local weights loaded strictly, or random
     weights drawn from ``settings.seed``), in eval mode on ``device``."""
@@ -326,7 +331,7 @@ def build_encoder(settings: LatentSettings, device: torch.device):
     from vggt4d.ptv3.checkpoint import load_encoder
     from vggt4d.ptv3.model import VARIANTS, PTv3Encoder
 
-    overrides = {"shuffle_orders": settings.shuffle_orders}
+    overrides = encoder_overrides(settings)
     if settings.weights != "random":
         return load_encoder(settings.weights, settings.encoder, device, overrides)
     with torch.random.fork_rng(devices=[]):
@@ -541,10 +546,11 @@ class LatentStage:
                             "pipeline before latent")
         self.weights_file = None
         if settings.encoder != "none" and settings.weights != "random":
-            from vggt4d.ptv3.checkpoint import resolve_checkpoint
+            from vggt4d.ptv3.checkpoint import check_checkpoint
 
-            # downloads now, so an offline hub fails before DA3 runs
-            self.weights_file = resolve_checkpoint(settings.weights)
+            # downloaded and checked (config, keys, shapes) now: fails before DA3 runs
+            self.weights_file = check_checkpoint(settings.weights, settings.encoder,
+                                                 encoder_overrides(settings))
 
     def _inputs(self, ctx):
         prediction = ctx.artifacts.get("prediction_pass2", ctx.artifacts["prediction"])

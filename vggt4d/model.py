@@ -103,16 +103,11 @@ def _read_checkpoint(path: Path, model_name: str) -> dict[str, torch.Tensor]:
 
 
 def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
+    from vggt4d.hub import hub_folder
 
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=["config.json", "model.safetensors"]))
-    except Exception as err:  # network errors come in many types; all mean the same to the user
-        reason = str(err).splitlines()[0][:160]
-        raise UserError(
-            f"cannot get weights '{repo_id}' from the Hugging Face hub ({reason}); use "
-            f"model.weights=random, or download them elsewhere and set model.weights=/local/dir"
-        ) from None
+    return hub_folder(repo_id, ["config.json", "model.safetensors"], f"weights '{repo_id}'",
+                      "use model.weights=random, or download config.json and model.safetensors "
+                      "elsewhere and set model.weights=/local/dir")
 
 
 def resolve_weights(weights: str) -> Path | None:

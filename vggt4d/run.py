@@ -1,7 +1,8 @@
 """``python -m vggt4d.run [overrides]``: the Hydra entry point; it only composes stages.
 
 User errors (bad paths, bad values, inputs that do not fit) print one ``error:`` line and exit
-with status 2; a job that failed before writing any result leaves no job directory behind.
+with status 2; a job that failed before writing any result leaves no job directory behind, one
+that failed later keeps what it wrote and ends its ``run.log`` with the error.
 """
 
 from __future__ import annotations
@@ -45,11 +46,21 @@ STAGES: dict[str, type] = {
 HYDRA_BOOKKEEPING = (".hydra", "run.log")
 
 
-def remove_if_no_results(out_dir: Path) -> None:
-    """Delete a job directory holding nothing but Hydra's own files."""
-    if not out_dir.is_dir() or any(p.name not in HYDRA_BOOKKEEPING for p in out_dir.iterdir()):
-        return
+def remove_if_no_results(out_dir: Path) -> bool:
+    """Delete a job directory holding nothing but Hydra's own files; True when it is gone."""
+    if out_dir.is_dir() and any(p.name not in HYDRA_BOOKKEEPING for p in out_dir.iterdir()):
+        return False
     shutil.rmtree(out_dir, ignore_errors=True)
+    return True
+
+
+def log_to_file_only(message: str) -> None:
+    """Append an error record to the job's ``run.log`` (Hydra's file handler) without repeating
+    it on the console, where the ``error:`` line already stands."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def run_job(cfg: DictConfig, out_dir: Path, job: JobInfo | None = None) -> Context:
@@ -86,7 +97,8 @@ def main(cfg: DictConfig) -> None:
         run_job(cfg, out_dir, hydra_job())
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        remove_if_no_results(out_dir)
+        if not remove_if_no_results(out_dir):
+            log_to_file_only(f"error: {err} (the files above were written before it)")
         sys.exit(2)
     finally:
         if not sequential_jobs_follow():

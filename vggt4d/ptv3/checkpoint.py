@@ -28,13 +28,23 @@ from vggt4d.errors import UserError
 from vggt4d.io import atomic_write
 from vggt4d.ptv3.model import RUNTIME_FIELDS, VARIANTS, PTv3Config, PTv3Encoder
 
-__all__ = ["HUB_REPO", "RELEASED", "load_encoder", "resolve_checkpoint", "save_checkpoint"]
+__all__ = [
+    "HUB_REPO",
+    "RELEASED",
+    "check_checkpoint",
+    "load_encoder",
+    "resolve_checkpoint",
+    "save_checkpoint",
+]
 
 #: Hugging Face hub repository of the released Concerto checkpoints.
 HUB_REPO = "Pointcept/Concerto"
 
 #: Released checkpoint names (``<name>.pth`` in :data:`HUB_REPO`) and their variants.
 RELEASED = {"concerto_small": "small", "concerto_base": "base", "concerto_large": "large"}
+
+#: Where the ``concerto`` package's own ``load`` keeps the released checkpoints it downloads.
+CONCERTO_CACHE = Path("~/.cache/concerto/ckpt")
 
 #: Most keys or fields named in one error line before "and N more".
 SHOWN = 5
@@ -47,7 +57,8 @@ def save_checkpoint(path: str | Path, model: PTv3Encoder, config: PTv3Config | N
     Tensors are saved on the CPU.
     """
     config = model.config if config is None else config
-    _check_fields(config, model.config, "the config to save", "the model's config")
+    _check_fields(config, model.config, "the config to save", "the model's config",
+                  "to save vs model's")
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     checkpoint = {"config": config.to_official(), "state_dict": state}
     return atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
@@ -70,24 +81,50 @@ def load_encoder(
             ``{"enable_flash": False, "enc_patch_size": [256] * 5}``).
 
     The network is built on the meta device and takes the checkpoint's tensors, so no memory
-    is spent on an initialisation that loading would overwrite.
+    is spent on an initialisation that loading would overwrite. Floating-point tensors become
+    float32 (Concerto's ``load`` copies them into float32 parameters the same way), whatever
+    precision the file stores.
     """
-    if variant not in VARIANTS:
-        raise UserError(f"unknown PTv3 variant {variant!r}; expected one of {sorted(VARIANTS)}")
-    path = resolve_checkpoint(source)
-    checkpoint = _read(path)
-    config = PTv3Config.from_official(checkpoint["config"])
-    _check_fields(config, VARIANTS[variant], f"checkpoint {path}", f"variant {variant!r}")
-    config = _override(config, overrides or {})
+    config, state = _checked(source, variant, overrides, mmap=False)
     with torch.device("meta"):
         model = PTv3Encoder(config)
-    state = _check_state(checkpoint["state_dict"], model, path)
+    state = {key: value.float() if value.is_floating_point() else value
+             for key, value in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device).eval()
 
 
+def check_checkpoint(
+    source: str | Path, variant: str, overrides: Mapping[str, object] | None = None
+) -> Path:
+    """Everything :func:`load_encoder` checks (config, keys, shapes) without reading the weights
+    into memory (the file is memory-mapped); returns the local file. Lets a run refuse a bad
+    checkpoint before hours of other work."""
+    path = resolve_checkpoint(source)
+    _checked(path, variant, overrides, mmap=True)
+    return path
+
+
+def _checked(
+    source: str | Path, variant: str, overrides: Mapping[str, object] | None, mmap: bool
+) -> tuple[PTv3Config, dict[str, Tensor]]:
+    """The config (``overrides`` applied) and state dict of a checkpoint that fits ``variant``."""
+    if variant not in VARIANTS:
+        raise UserError(f"unknown PTv3 variant {variant!r}; expected one of {sorted(VARIANTS)}")
+    path = resolve_checkpoint(source)
+    checkpoint = _read(path, mmap)
+    config = PTv3Config.from_official(checkpoint["config"])
+    _check_fields(config, VARIANTS[variant], f"checkpoint {path}", f"variant {variant!r}",
+                  "checkpoint vs variant")
+    config = _override(config, overrides or {})
+    with torch.device("meta"):
+        model = PTv3Encoder(config)
+    return config, _check_state(checkpoint["state_dict"], model, path)
+
+
 def resolve_checkpoint(source: str | Path) -> Path:
-    """The local file for ``source``: an existing path, or a released name from the hub."""
+    """The local file for ``source``: an existing path, or a released name, taken from the
+    ``concerto`` package's download folder (:data:`CONCERTO_CACHE`) or the hub (cached)."""
     path = Path(source).expanduser()
     if path.is_file():
         return path
@@ -96,26 +133,33 @@ def resolve_checkpoint(source: str | Path) -> Path:
         raise UserError(
             f"PTv3 checkpoint {name} is neither a file nor a released name ({', '.join(RELEASED)})"
         )
-    from huggingface_hub import hf_hub_download
+    from vggt4d.hub import hub_folder
 
     filename = f"{name}.pth"
-    try:
-        return Path(hf_hub_download(repo_id=HUB_REPO, filename=filename))
-    except Exception as error:  # offline, unreachable, auth or missing file: fetch it by hand
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(
-            f"cannot download {filename} from the Hugging Face hub ({reason}): download "
-            f"https://huggingface.co/{HUB_REPO}/resolve/main/{filename} and pass its local path "
-            f"(latent.weights=/path/to/{filename})"
-        ) from error
+    fetched_by_concerto = CONCERTO_CACHE.expanduser() / filename
+    if fetched_by_concerto.is_file():
+        return fetched_by_concerto
+    folder = hub_folder(HUB_REPO, [filename], filename,
+                        f"download https://huggingface.co/{HUB_REPO}/resolve/main/{filename} "
+                        f"and pass its local path (latent.weights=/path/to/{filename})")
+    return folder / filename
 
 
-def _read(path: Path) -> dict:
-    """The checkpoint dict at ``path`` (``weights_only`` unpickling), shape-checked."""
+def _read(path: Path, mmap: bool = False) -> dict:
+    """The checkpoint dict at ``path`` (``weights_only`` unpickling, memory-mapped when asked
+    and the file is in torch's zip format), shape-checked."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if reason.startswith("Weights only load failed"):
+            reason = ("it holds Python objects besides tensors and plain values, which are not "
+                      "unpickled for safety (a released Concerto checkpoint has none)")
         raise UserError(f"cannot read PTv3 checkpoint {path}: {reason}") from error
     if not isinstance(checkpoint, dict) or not {"config", "state_dict"} <= set(checkpoint):
         raise UserError(
@@ -124,9 +168,11 @@ def _read(path: Path) -> dict:
     return checkpoint
 
 
-def _check_fields(config: PTv3Config, reference: PTv3Config, what: str, against: str) -> None:
-    """Raise unless ``config`` equals ``reference`` outside the run-time fields; the message
-    names each differing field with both values (``what``'s first)."""
+def _check_fields(config: PTv3Config, reference: PTv3Config, subject: str, against: str,
+                  pair: str) -> None:
+    """Raise unless ``config`` equals ``reference`` outside the run-time fields. The message
+    ``{subject} does not match {against} ({pair}): field a vs b, …`` names each differing field
+    with both values, ``config``'s first (``pair`` says so, e.g. "checkpoint vs variant")."""
     differing = [
         f"{field.name} {getattr(config, field.name)} vs {getattr(reference, field.name)}"
         for field in dataclasses.fields(PTv3Config)
@@ -134,9 +180,7 @@ def _check_fields(config: PTv3Config, reference: PTv3Config, what: str, against:
         and getattr(config, field.name) != getattr(reference, field.name)
     ]
     if differing:
-        raise UserError(
-            f"{what} does not match {against} ({what} vs {against}): {_listing(differing)}"
-        )
+        raise UserError(f"{subject} does not match {against} ({pair}): {_listing(differing)}")
 
 
 def _override(config: PTv3Config, overrides: Mapping[str, object]) -> PTv3Config:

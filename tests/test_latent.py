@@ -17,6 +17,7 @@ from vggt4d.latent import (
     build_encoder,
     camera_embedding,
     cameras_in_frame,
+    read_latent,
     scene_latent,
     time_embedding,
     write_latent,
@@ -182,6 +183,7 @@ def test_dynamic_voxels_keep_the_moving_objects_time_and_not_the_backgrounds():
     ({"time_dim": 7}, "latent.time_dim"),
     ({"levels": [0, 5]}, "latent.levels"),
     ({"encoder": "huge"}, "latent.encoder"),
+    ({"camera_frame": "camera"}, "latent.camera_frame"),
     ({"encoder": "small", "weights": "concerto_large"}, "set latent.encoder=large"),
     ({"weights": "/no/such/file.pth"}, "no such file"),
 ])
@@ -209,7 +211,7 @@ def encoded(scene, **settings):
                          extrinsics, PointsSettings(conf_percentile=0.0), "metric",
                          dynamic=scene.dynamic_masks)
     return scene_latent(cloud, extrinsics, scene.intrinsics, settings, CPU,
-                        build_encoder(settings, CPU))
+                        None if settings.encoder == "none" else build_encoder(settings, CPU))
 
 
 def test_same_seed_gives_an_identical_scene_latent_file(small_scene, tmp_path):
@@ -223,6 +225,35 @@ def test_same_seed_gives_an_identical_scene_latent_file(small_scene, tmp_path):
     assert first["geo_feat"].shape == (len(first["coord"]), 16 + 16 + 32 + 32 + 64)
     assert first["coord"].dtype == torch.int64 and first["geo_feat"].dtype == torch.float16
     assert not torch.equal(first["geo_feat"], other["geo_feat"])
+
+
+def test_the_file_carries_intrinsics_and_its_format_and_refuses_newer_ones(small_scene, tmp_path):
+    latent = encoded(small_scene)
+    write_latent(tmp_path / "a.pt", latent, torch.float32)
+    data = read_latent(tmp_path / "a.pt")
+    assert data["format_version"] == 1
+    np.testing.assert_array_equal(data["intrinsics"].numpy(), small_scene.intrinsics)
+    data["format_version"] = 99
+    torch.save(data, tmp_path / "b.pt")
+    with pytest.raises(UserError, match="format 99"):
+        read_latent(tmp_path / "b.pt")
+
+
+def test_camera_codes_in_the_encoder_frame_or_in_das_world(small_scene):
+    """cam_emb of a token seen in one frame: c2w of that frame, in the tokens' frame by default,
+    in DA3's world (the inverse of the world-to-camera extrinsics) with camera_frame=world."""
+    extrinsics = tilted(small_scene.extrinsics)
+    c2w_world = np.stack([np.linalg.inv(np.vstack([m, [0, 0, 0, 1]]))[:3] for m in extrinsics])
+    for frame_name in ("encoder", "world"):
+        latent = encoded(small_scene, camera_frame=frame_name, encoder="none")
+        single = latent.aggregates.first_frame == latent.aggregates.last_frame
+        frame = latent.aggregates.first_frame[single].numpy()
+        want = latent.c2w.numpy() if frame_name == "encoder" else c2w_world
+        np.testing.assert_allclose(latent.aggregates.cam_emb[single, :12].numpy(),
+                                   want[frame].reshape(-1, 12), atol=1e-5)
+        assert latent.meta["camera_frame"] == frame_name
+    # the encoder frame differs from DA3's world (z up, centre shift): the two codes differ
+    assert not np.allclose(latent.c2w.numpy(), c2w_world, atol=1e-3)
 
 
 def test_tokens_get_the_encoder_levels_asked_for_and_share_their_voxels_features(small_scene):

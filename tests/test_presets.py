@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 
 from vggt4d.config import validate
@@ -95,7 +97,12 @@ def test_full_pipeline_refines_reruns_da3_and_reports_both_passes(preset, tmp_pa
     run_job(_compose(*overrides), tmp_path / "job")
     job = tmp_path / "job"
     assert (job / "prediction_pass2.npz").is_file()
-    assert json.loads((job / "latent.json").read_text())["tokens"] > 0
+    report = json.loads((job / "latent.json").read_text())
+    assert report["tokens"] > 0
+    assert report["sources"] == {"prediction": "pass2", "masks": "refined"}
+    steps = report["seconds_by_step"]
+    assert set(steps) == {"points", "encoder_build", "tokens", "write"}
+    assert sum(steps.values()) <= report["seconds"] + 0.01
     assert len(list((job / "depth_compare").glob("frame*.png"))) == 7
     assert len(list((job / "masks_refined").glob("dynamic_*.png"))) == 7
     metrics = json.loads((job / "metrics.json").read_text())
@@ -106,3 +113,46 @@ def test_full_pipeline_refines_reruns_da3_and_reports_both_passes(preset, tmp_pa
         assert geometry["pose"]["ate"] >= 0
     difference = json.loads((job / "second_pass.json").read_text())
     assert len(difference["rotation_deg"]) == 7
+
+
+def test_token_script_preset_keeps_das_world_and_the_scripts_camera_code(tmp_path):
+    """experiment=concerto_tokens: DA3-GIANT settings; run small, the tokens' cells are those of
+    the back-projected pixels in DA3's own world and units (only shifted), and a voxel seen in
+    one frame carries that frame's inverse(w2c)[:3, :4] as its camera code."""
+    run = validate(_compose("experiment=concerto_tokens", "model.weights=random"))
+    assert run.model.name == "da3-giant" and run.pipeline == ["predict", "latent"]
+    assert (run.points.max_per_frame, run.points.max_depth, run.points.conf_percentile) == (
+        50000, 50.0, 0.0)
+    assert (run.latent.encoder, run.latent.weights, run.latent.levels) == (
+        "large", "concerto_large", None)
+    overrides = ["experiment=concerto_tokens", "model=da3-small", "model.weights=random",
+                 "data.num_frames=4", "process_res=112", "points.max_per_frame=3000",
+                 "latent.encoder=tiny", "latent.weights=random", "latent.grid_size=0.05",
+                 f"cache_dir={tmp_path / 'cache'}"]
+    run_job(_compose(*overrides), tmp_path / "job")
+    with np.load(tmp_path / "job" / "prediction.npz") as data:
+        depth, w2c, k_mats = data["depth"], data["extrinsics"], data["intrinsics"]
+    tokens = torch.load(tmp_path / "job" / "scene_latent.pt", weights_only=True)
+    assert tokens["geo_feat"].shape[1] == 160  # tiny: all five levels
+    # independent back-projection: X = R^T (z K^-1 (u + 1/2, v + 1/2, 1) - t)
+    frames, height, width = depth.shape
+    v, u = np.mgrid[0:height, 0:width] + 0.5
+    rays = np.stack([u, v, np.ones_like(u)], axis=-1)
+    cells, voxel = [], []
+    shift = np.array(tokens["meta"]["center_shift"])
+    for t in range(frames):
+        cam = depth[t][..., None] * (rays @ np.linalg.inv(k_mats[t]).T)
+        world = (cam - w2c[t, :, 3]) @ w2c[t, :, :3]
+        index = tokens["pixel_voxel"][t].numpy()
+        found = index >= 0
+        cells.append(np.floor((world[found] - shift) / 0.05))
+        voxel.append(index[found])
+    offset = np.concatenate(cells) - tokens["coord"][np.concatenate(voxel)].numpy()
+    most = np.median(offset, axis=0)
+    assert (offset == most).all(axis=1).mean() > 0.999  # one lattice, cell boundaries aside
+    c2w = np.stack([np.linalg.inv(np.vstack([m, [0, 0, 0, 1]]))[:3] for m in w2c])
+    single = (tokens["first_frame"] == tokens["last_frame"]).numpy()
+    assert single.any()
+    frame = tokens["first_frame"][single].numpy()
+    np.testing.assert_allclose(tokens["cam_emb"][single, :12].float().numpy(),
+                               c2w[frame].reshape(-1, 12), atol=2e-3)  # fp16 file

@@ -58,6 +58,7 @@ def test_synthetic_run_writes_prediction_then_reuses_the_cache(tmp_path):
     tokens = torch.load(tmp_path / "second" / "scene_latent.pt")
     assert tokens["pixel_voxel"].shape == (4, 112, 140)
     assert tokens["geo_feat"].shape == (len(tokens["coord"]), 160)  # tiny: all 5 levels
+    assert tokens["meta"]["sources"] == {"prediction": "pass1", "masks": "coarse"}
     assert (tmp_path / "second" / "scene_latent.ply").read_bytes().startswith(b"ply")
 
     other = run_cli(tmp_path, *FAST, "model.ref_view_strategy=first", job="third")

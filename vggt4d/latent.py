@@ -26,7 +26,9 @@ Embeddings (defaults reproduce the user's token script, SEED_SCRIPTS.md):
   i.e. ω = 100, 10, 1, 0.1 for D = 8 (D = 2: ω = 100).
 * ``cam_emb``: ``c2w`` (16-D): the 12 entries of camera-to-world ``[R | C]`` row-major, zero-padded
   to 16; ``centre_direction_fov`` (8-D): ``[C, R e_z, fov_x, fov_y]`` (camera centre, unit
-  viewing direction, fields of view in radians). Both in the encoder frame ``X_enc``.
+  viewing direction, fields of view in radians). In the encoder frame ``X_enc`` of the tokens'
+  positions (``camera_frame=encoder``), or in DA3's world (``camera_frame=world``: the token
+  script's ``inverse(w2c)``, whose translation ignores the centre shift of its points).
 Averaged sin/cos codes are mixtures, not unit vectors (defect 8): ``first_frame``,
 ``last_frame``, ``frames_seen`` and ``count`` sit beside them so a decoder can tell a static voxel
 from a moving one.
@@ -69,6 +71,9 @@ PLY = "scene_latent.ply"
 REPORT = "latent.json"
 HASHES = ("fnv", "ravel")
 CAMERA_EMBEDDINGS = {"c2w": 16, "centre_direction_fov": 8}
+CAMERA_FRAMES = ("encoder", "world")
+FORMAT_VERSION = 1
+"""``scene_latent.pt``'s ``format_version``: raised whenever a key changes meaning."""
 ENCODERS = ("none", "tiny", "small", "base", "large")
 SAVE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 NUM_LEVELS = 5
@@ -87,6 +92,9 @@ class LatentSettings:
     """Frames per time bin of dynamic voxels."""
     time_dim: int = 8
     camera_embedding: str = "c2w"
+    camera_frame: str = "encoder"
+    """Frame of the cameras in ``cam_emb``: encoder (that of the tokens' positions) | world
+    (DA3's world, unshifted, as the user's token script used it)."""
     encoder: str = "large"
     """PTv3 variant: tiny (ours, tests and demo) | small | base | large | none (no features)."""
     weights: str = "concerto_large"
@@ -106,6 +114,7 @@ class LatentSettings:
             raise UserError(f"latent.grid_size={self.grid_size} must be > 0 (metres, e.g. 0.02)")
         _choice("latent.hash", self.hash, HASHES)
         _choice("latent.camera_embedding", self.camera_embedding, tuple(CAMERA_EMBEDDINGS))
+        _choice("latent.camera_frame", self.camera_frame, CAMERA_FRAMES)
         _choice("latent.encoder", self.encoder, ENCODERS)
         _choice("latent.save_dtype", self.save_dtype, tuple(SAVE_DTYPES))
         if self.time_bin < 1:
@@ -371,6 +380,7 @@ class SceneLatent:
     world_to_grid: Tensor  # (4, 4) float64: voxel = floor((world_to_grid @ [X, 1])[:3])
     world_to_enc: Tensor  # (4, 4) float64: X_enc = s R_up X_world − shift
     c2w: Tensor  # (T, 3, 4) float64 cameras in the encoder frame
+    intrinsics: Tensor  # (T, 3, 3) float64 pinhole K in pixels of the (H, W) prediction
     meta: dict = field(default_factory=dict)
 
     def to_dict(self, dtype: torch.dtype) -> dict:
@@ -384,13 +394,14 @@ class SceneLatent:
                  "frames_seen": agg.frames_seen, "dynamic": agg.dynamic,
                  "dynamic_prob": agg.dynamic_prob, "time_bin": self.time_bin,
                  "pixel_voxel": self.pixel_voxel, "world_to_grid": self.world_to_grid,
-                 "world_to_enc": self.world_to_enc, "c2w": self.c2w}
+                 "world_to_enc": self.world_to_enc, "c2w": self.c2w,
+                 "intrinsics": self.intrinsics}
         tensors = {**{key: value.to(dtype) for key, value in floats.items()}, **exact}
         compact = torch.contiguous_format
         return {**{key: None if value is None else value.clone(memory_format=compact)
                    for key, value in tensors.items()},
                 "grid_size": self.meta["grid_size"], "num_frames": self.meta["num_frames"],
-                "meta": self.meta}
+                "format_version": FORMAT_VERSION, "meta": self.meta}
 
 
 def affine(matrix_3x3: np.ndarray, offset: np.ndarray) -> np.ndarray:
@@ -434,7 +445,8 @@ def scene_latent(cloud: PointCloud, extrinsics: np.ndarray, intrinsics: np.ndarr
     world_to_enc = affine(np.eye(3), -shift.cpu().numpy()) @ cloud.world_to_scene
     c2w_enc = cameras_in_frame(extrinsics, world_to_enc, cloud.scale)
     time_emb = time_embedding(frame_times(num_frames), settings.time_dim)
-    cam_emb = camera_embedding(c2w_enc, intrinsics, (height, width), settings.camera_embedding)
+    embedded = c2w_enc if settings.camera_frame == "encoder" else camera_to_world(extrinsics)
+    cam_emb = camera_embedding(embedded, intrinsics, (height, width), settings.camera_embedding)
     aggregates = aggregate(voxels, enc_coord, pts["color"], pts["frame"], pts["dynamic"],
                            pts["dynamic_prob"], time_emb, cam_emb)
     geo_feat = torch.zeros(len(voxels.keys), 0, device=device)
@@ -465,6 +477,7 @@ def scene_latent(cloud: PointCloud, extrinsics: np.ndarray, intrinsics: np.ndarr
         "dynamic_voxels": settings.dynamic_voxels, "time_bin": settings.time_bin,
         "time_dim": settings.time_dim, "time_frequencies": time_frequencies(
             settings.time_dim).tolist(), "camera_embedding": settings.camera_embedding,
+        "camera_frame": settings.camera_frame,
         "encoder": settings.encoder if encoder is not None else "none",
         "weights": settings.weights if encoder is not None else None,
         "levels": settings.levels, "scale": cloud.scale, "scale_mode": cloud.scale_mode,
@@ -478,7 +491,8 @@ def scene_latent(cloud: PointCloud, extrinsics: np.ndarray, intrinsics: np.ndarr
         time_bin=None if grid.bins is None else grid.bins.cpu(),
         pixel_voxel=pixel_voxel.reshape(num_frames, height, width),
         world_to_grid=torch.from_numpy(world_to_grid), world_to_enc=torch.from_numpy(world_to_enc),
-        c2w=torch.from_numpy(c2w_enc), meta=meta)
+        c2w=torch.from_numpy(c2w_enc), intrinsics=torch.from_numpy(
+            np.asarray(intrinsics, dtype=np.float64)), meta=meta)
 
 
 def write_latent(path: Path, latent: SceneLatent, dtype: torch.dtype) -> None:
@@ -490,6 +504,17 @@ def write_latent(path: Path, latent: SceneLatent, dtype: torch.dtype) -> None:
             torch.save(latent.to_dict(dtype), handle)
 
     atomic_write(path, write)
+
+
+def read_latent(path: str | Path) -> dict:
+    """``scene_latent.pt`` as the dict :meth:`SceneLatent.to_dict` wrote (``weights_only``
+    unpickling: reading a file runs no code), refused when it comes from a newer format."""
+    data = torch.load(Path(path), map_location="cpu", weights_only=True)
+    version = data.get("format_version", 0) if isinstance(data, dict) else None
+    if version is None or version > FORMAT_VERSION:
+        raise UserError(f"{path} is not a scene_latent.pt this vggt4d reads (format "
+                        f"{version}, this version reads up to {FORMAT_VERSION}): update vggt4d")
+    return data
 
 
 def write_ply(path: Path, latent: SceneLatent) -> None:
@@ -565,34 +590,49 @@ class LatentStage:
 
         prediction, masks = self._inputs(ctx)
         arrays = [prediction.depth, prediction.conf, prediction.extrinsics,
-                  prediction.intrinsics, prediction.frames]
-        arrays += [] if prediction.sky is None else [prediction.sky]
-        arrays += [] if masks is None else [masks.soft, masks.binary]
+                  prediction.intrinsics, prediction.frames, prediction.sky]
+        arrays += [None, None] if masks is None else [masks.soft, masks.binary]
         weights = None if self.weights_file is None else _file_identity(self.weights_file)
-        return content_key(*(np.ascontiguousarray(a).tobytes() for a in arrays),
+        return content_key(*(b"" if a is None else np.ascontiguousarray(a).tobytes()
+                             for a in arrays), self._sources(ctx),
                            asdict(ctx.cfg.points), asdict(ctx.cfg.latent), weights,
                            self.scale_mode, self.device.type, __version__)
+
+    @staticmethod
+    def _sources(ctx) -> dict[str, str | None]:
+        """Which DA3 pass and which masks the tokens are built from."""
+        masks = "refined" if "refined_masks" in ctx.artifacts else (
+            "coarse" if "masks" in ctx.artifacts else None)
+        return {"prediction": "pass2" if "prediction_pass2" in ctx.artifacts else "pass1",
+                "masks": masks}
 
     def run(self, ctx) -> None:
         from vggt4d.points import scene_points
 
         prediction, masks = self._inputs(ctx)
         points_cfg, settings = ctx.cfg.points, ctx.cfg.latent
+        seconds: dict[str, float] = {}
+        started = time.perf_counter()
         cloud = scene_points(
             prediction.depth, prediction.conf, prediction.frames, prediction.intrinsics,
             prediction.extrinsics, points_cfg, self.scale_mode, sky=prediction.sky,
             dynamic_prob=None if masks is None else masks.soft,
             dynamic=None if masks is None else masks.binary)
+        seconds["points"] = time.perf_counter() - started
         encoder = None if settings.encoder == "none" else build_encoder(settings, self.device)
-        started = time.perf_counter()
+        seconds["encoder_build"] = time.perf_counter() - started - sum(seconds.values())
         latent = scene_latent(cloud, prediction.extrinsics, prediction.intrinsics, settings,
                               self.device, encoder, points_cfg.max_per_frame, points_cfg.seed)
+        latent.meta["sources"] = self._sources(ctx)
+        seconds["tokens"] = time.perf_counter() - started - sum(seconds.values())
         write_latent(ctx.out_dir / OUTPUT, latent, SAVE_DTYPES[settings.save_dtype])
         if settings.ply:
             write_ply(ctx.out_dir / PLY, latent)
+        seconds["write"] = time.perf_counter() - started - sum(seconds.values())
         report = {**latent.meta, "dynamic_tokens": int((latent.aggregates.dynamic > 0.5).sum()),
                   "pixels_in_tokens": int((latent.pixel_voxel >= 0).sum()),
                   "seconds": round(time.perf_counter() - started, 3),
+                  "seconds_by_step": {step: round(value, 3) for step, value in seconds.items()},
                   "device": str(self.device)}
         atomic_write(ctx.out_dir / REPORT,
                      lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))

@@ -21,9 +21,10 @@ the model has a sky head.
 
 Encoder frame (Concerto/PTv3 expects z up and metres): ``X_e = s · R_up X`` with ``R_up`` the
 rotation by −90° about x, ``(x, y, z) ↦ (x, z, −y)`` (OpenCV's y points down, so −y is up), and
-``s`` = 1 for a metric model or ``median_depth / median(kept depth)`` (``scale=median_depth``):
-DA3's any-view models predict depth up to scale, and the encoder's 2 cm grid needs a plausible
-metric size. ``s`` and ``R_up`` are recorded as the similarity ``world_to_scene``.
+``s`` = 1 for a metric model (or ``scale=raw``: DA3's units as they are, as the token script did)
+or ``median_depth / median(kept depth)`` (``scale=median_depth``): DA3's any-view models predict
+depth up to scale, and the encoder's 2 cm grid needs a plausible metric size. ``s`` and ``R_up``
+are recorded as the similarity ``world_to_scene``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from vggt4d.errors import UserError
 
 log = logging.getLogger(__name__)
 
-SCALES = ("auto", "metric", "median_depth")
+SCALES = ("auto", "metric", "median_depth", "raw")
 UP_AXES = ("z", "none")
 METRIC_MODELS = ("da3nested-giant-large",)
 """Models whose depth is in metres (the nested model scales its any-view depth by the metric
@@ -64,7 +65,8 @@ class PointsSettings:
     """Seeded random subsample of at most this many points per frame builds the voxels (the
     token script's 50000); 0 = all. Every kept pixel still gets its voxel index."""
     scale: str = "auto"
-    """metric | median_depth | auto (metric for metric models, else median_depth)."""
+    """metric | median_depth | auto (metric for metric models, else median_depth) | raw (DA3's
+    own depth units, unscaled, as the token script used them)."""
     median_depth: float = 2.0
     """Median depth in metres after ``scale=median_depth``."""
     up: str = "z"
@@ -229,8 +231,8 @@ def scene_points(depth: np.ndarray, conf: np.ndarray, frames: np.ndarray,
             f"{settings.conf_percentile}, sky_threshold={settings.sky_threshold}, max_depth="
             f"{settings.max_depth}): lower points.conf_percentile, raise points.sky_threshold "
             f"or points.max_depth (0 = no limit)")
-    scale = 1.0 if scale_mode == "metric" else settings.median_depth / float(
-        np.median(depth[kept]))
+    scale = settings.median_depth / float(np.median(depth[kept])) \
+        if scale_mode == "median_depth" else 1.0
     transform = world_to_scene(scale, settings.up)
     rows, cols = transform[:3, :3], transform[:3, 3]
     centres = camera_centres(extrinsics)

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
+from scipy.spatial.transform import Rotation
 from torch import nn
 
 from vggt4d.errors import UserError
-from vggt4d.points import PointsSettings, estimate_normals, scene_points
+from vggt4d.points import (
+    Y_DOWN_TO_Z_UP,
+    PointsSettings,
+    camera_vertical,
+    estimate_normals,
+    scene_points,
+)
 from vggt4d.predict import sky_capture
 from vggt4d.synthetic import ROOM_MAX, ROOM_MIN, SyntheticConfig, render_scene
 
@@ -71,6 +80,33 @@ def test_z_up_puts_the_floor_lowest_with_upward_normals(scene):
     assert np.abs(pts.normal[ceiling & has_normal] - [0, 0, -1]).max() < 1e-3
     np.testing.assert_allclose(cloud.world_to_scene[:3, :3],
                                [[1, 0, 0], [0, 0, 1], [0, -1, 0]])
+
+
+def test_up_from_the_cameras_finds_the_rooms_vertical_in_a_tilted_world():
+    """The synthetic cameras never roll and change heading; in a randomly rotated world
+    (X' = Q X) the rooms's up, −y before the rotation, must come out as +z."""
+    moving = render_scene(SyntheticConfig(num_frames=8, width=48, height=36))
+    for seed in range(3):
+        tilt = Rotation.random(random_state=seed).as_matrix()
+        extrinsics = moving.extrinsics.astype(np.float64)
+        extrinsics[:, :, :3] = extrinsics[:, :, :3] @ tilt.T
+        rotation = camera_vertical(extrinsics)
+        np.testing.assert_allclose(rotation @ rotation.T, np.eye(3), atol=1e-12)
+        assert np.isclose(np.linalg.det(rotation), 1.0)
+        np.testing.assert_allclose(rotation @ tilt @ [0.0, -1.0, 0.0], [0, 0, 1], atol=1e-9)
+    cloud = scene_points(moving.depth, np.ones_like(moving.depth), moving.frames,
+                         moving.intrinsics, extrinsics, all_pixels(up="cameras"), "metric")
+    floor = np.isclose(-(tilt.T @ (cloud.world_to_scene[:3, :3].T @ cloud.points.coord.T))[1],
+                       ROOM_MAX[1], atol=1e-4)
+    assert floor.sum() > 50 and np.ptp(cloud.points.coord[floor, 2]) < 1e-4  # a level floor
+
+
+def test_up_from_cameras_of_one_heading_falls_back_with_a_warning(caplog):
+    upright = np.zeros((3, 3, 4))
+    upright[:, :, :3] = np.eye(3)
+    with caplog.at_level(logging.WARNING):
+        np.testing.assert_allclose(camera_vertical(upright), Y_DOWN_TO_Z_UP, atol=1e-12)
+    assert "one heading" in caplog.text
 
 
 def test_median_depth_scale_and_metric_only_for_metric_models(scene):

@@ -20,7 +20,9 @@ as 0.7 filter nothing: the seed scripts' defect 1); sky probability below ``sky_
 the model has a sky head.
 
 Encoder frame (Concerto/PTv3 expects z up and metres): ``X_e = s · R_up X`` with ``R_up`` the
-rotation by −90° about x, ``(x, y, z) ↦ (x, z, −y)`` (OpenCV's y points down, so −y is up), and
+rotation by −90° about x, ``(x, y, z) ↦ (x, z, −y)`` (OpenCV's y points down, so −y is up: right
+when DA3's world, the first camera's frame, is upright; ``up=cameras`` estimates the vertical
+from all cameras instead, :func:`camera_vertical`), and
 ``s`` = 1 for a metric model (or ``scale=raw``: DA3's units as they are, as the token script did)
 or ``median_depth / median(kept depth)`` (``scale=median_depth``): DA3's any-view models predict
 depth up to scale, and the encoder's 2 cm grid needs a plausible metric size. ``s`` and ``R_up``
@@ -40,7 +42,10 @@ from vggt4d.errors import UserError
 log = logging.getLogger(__name__)
 
 SCALES = ("auto", "metric", "median_depth", "raw")
-UP_AXES = ("z", "none")
+UP_AXES = ("z", "cameras", "none")
+PLANAR_RIGHT_VECTORS = 0.005
+"""Second / largest eigenvalue of the cameras' right-vector scatter above which they span a
+plane (a heading spread of about 4° standard deviation), whose normal is then the vertical."""
 METRIC_MODELS = ("da3nested-giant-large",)
 """Models whose depth is in metres (the nested model scales its any-view depth by the metric
 branch; da3metric-large alone has no camera head)."""
@@ -70,7 +75,9 @@ class PointsSettings:
     median_depth: float = 2.0
     """Median depth in metres after ``scale=median_depth``."""
     up: str = "z"
-    """z: rotate DA3's OpenCV world to z-up (Concerto's convention); none: keep it."""
+    """z: rotate DA3's OpenCV world to z-up (Concerto's convention; right when the first camera
+    is upright); cameras: the vertical estimated from all cameras (:func:`camera_vertical`);
+    none: keep DA3's world."""
     normals: bool = True
     """Estimate normals from the depth map; false = zero normals (the token script's choice)."""
     normal_max_jump: float = 0.05
@@ -199,10 +206,45 @@ def estimate_normals(world: np.ndarray, depth: np.ndarray, valid: np.ndarray,
     return normals.astype(np.float32)
 
 
-def world_to_scene(scale: float, up: str) -> np.ndarray:
-    """(4, 4) similarity ``X_scene = s · R_up · X_world`` (``R_up`` = identity for ``up=none``)."""
+def camera_vertical(extrinsics: np.ndarray) -> np.ndarray:
+    """(T, 3, 4) world-to-camera → (3, 3) rotation ``R_up`` taking the cameras' vertical to +z and
+    their mean heading to +y (for an upright first camera that is :data:`Y_DOWN_TO_Z_UP`).
+
+    Hand-held and vehicle cameras barely roll, so each camera's right vector ``r_t = R_t^T e_x``
+    is horizontal, whatever it pitches: when the right vectors span a plane (the heading
+    changes), the vertical ``u`` is that plane's normal, the eigenvector of ``Σ r rᵀ`` with the
+    smallest eigenvalue. With one heading throughout the plane is undetermined and ``u`` is the
+    mean up vector ``−R_t^T e_y`` made orthogonal to the mean right vector (a constant pitch then
+    tilts it). ``u`` is signed to agree with the cameras' up vectors.
+    """
+    rot = np.asarray(extrinsics, dtype=np.float64)[:, :, :3]
+    right, up, forward = rot[:, 0], -rot[:, 1], rot[:, 2]
+    values, vectors = np.linalg.eigh(right.T @ right / len(right))
+    if values[1] > PLANAR_RIGHT_VECTORS * values[2]:
+        vertical = vectors[:, 0]
+    else:
+        log.warning("points.up=cameras: the cameras keep one heading, so the vertical is their "
+                    "mean up vector (tilted by any common pitch)")
+        mean_right = right.mean(axis=0) / np.linalg.norm(right.mean(axis=0))
+        vertical = up.mean(axis=0) - up.mean(axis=0) @ mean_right * mean_right
+    vertical = vertical / np.linalg.norm(vertical)
+    vertical *= np.sign(vertical @ up.mean(axis=0)) or 1.0
+    heading = forward.mean(axis=0) - forward.mean(axis=0) @ vertical * vertical
+    if np.linalg.norm(heading) < 1e-6:  # looking straight up or down: any horizontal heading
+        heading = np.cross(vertical, right.mean(axis=0))
+    heading /= np.linalg.norm(heading)
+    return np.stack([np.cross(heading, vertical), heading, vertical])
+
+
+def world_to_scene(scale: float, up: str, extrinsics: np.ndarray | None = None) -> np.ndarray:
+    """(4, 4) similarity ``X_scene = s · R_up · X_world``: ``R_up`` = :data:`Y_DOWN_TO_Z_UP` for
+    ``up=z``, :func:`camera_vertical` of ``extrinsics`` for ``up=cameras``, identity for
+    ``up=none``."""
+    rotation = {"z": Y_DOWN_TO_Z_UP, "none": np.eye(3)}.get(up)
+    if rotation is None:
+        rotation = camera_vertical(extrinsics)
     transform = np.eye(4)
-    transform[:3, :3] = scale * (Y_DOWN_TO_Z_UP if up == "z" else np.eye(3))
+    transform[:3, :3] = scale * rotation
     return transform
 
 
@@ -233,7 +275,7 @@ def scene_points(depth: np.ndarray, conf: np.ndarray, frames: np.ndarray,
             f"or points.max_depth (0 = no limit)")
     scale = settings.median_depth / float(np.median(depth[kept])) \
         if scale_mode == "median_depth" else 1.0
-    transform = world_to_scene(scale, settings.up)
+    transform = world_to_scene(scale, settings.up, extrinsics)
     rows, cols = transform[:3, :3], transform[:3, 3]
     centres = camera_centres(extrinsics)
     coord, normal = [], []

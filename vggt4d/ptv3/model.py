@@ -34,8 +34,11 @@ as the official code does).
 
 Precision: attention runs in the features' dtype through ``F.scaled_dot_product_attention``
 (``upcast_attention`` / ``upcast_softmax`` lift a reduced-precision patch attention to float32).
-The official flash path casts q, k, v to half / bfloat16 inside flash-attn; that rounding is not
-imitated, so fp32 results here are the exact-arithmetic version of both official paths.
+The official flash path casts qkv to half (Concerto) or bfloat16 (Pointcept) before calling
+flash-attn; that rounding is not imitated, so fp32 results here are the exact-arithmetic version
+of both official paths (expect about 1e-3 relative difference from a GPU run of the official
+model). With ``upcast_*`` the official non-flash path lifts only q·k or the softmax to float32;
+here all of q, k and v are lifted, which differs in the last bits in reduced precision only.
 """
 
 from __future__ import annotations

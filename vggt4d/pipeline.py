@@ -131,7 +131,8 @@ def run_or_restore(stage: Stage, ctx: Context) -> None:
             ctx.cache.restore(stage.name, key, stage.files, ctx.out_dir)
             stage.load(ctx)
             log.info("%s: reused cached result %s (%s), skipped", stage.name, key,
-                     ", ".join(stage.files))
+                     ", ".join(stage.files) if len(stage.files) <= 4
+                     else f"{len(stage.files)} files")
             return
         stage.run(ctx)
         ctx.cache.store(stage.name, key, stage.files, ctx.out_dir)

@@ -93,11 +93,7 @@ def test_ravel_hash_bit_exact():
 # ---------------------------------------------------------------- grouping
 
 
-@pytest.mark.parametrize("hash_type", ["fnv", "ravel"])
-@pytest.mark.parametrize("grid_size", [0.02, 0.07])
-def test_group_matches_brute_force(hash_type, grid_size):
-    coord = random_cloud(2000, seed=3)
-    vox = group(coord, grid_size, hash_type)
+def assert_brute_force_grouping(vox, coord: torch.Tensor, grid_size: float, hash_type: str):
     keys, members, point_keys, cells = bf_group(coord, grid_size, hash_type)
     assert unsigned(vox.keys) == keys
     assert vox.counts.tolist() == [len(members[k]) for k in keys]
@@ -107,6 +103,16 @@ def test_group_matches_brute_force(hash_type, grid_size):
     # stable order: voxels in key order, members in input order
     assert vox.order.tolist() == [i for k in keys for i in members[k]]
     assert vox.grid_coord.tolist() == [list(cells[members[k][0]]) for k in keys]
+    assert vox.inverse.dtype == vox.counts.dtype == vox.grid_coord.dtype == torch.int64
+    return cells
+
+
+@pytest.mark.parametrize("hash_type", ["fnv", "ravel"])
+@pytest.mark.parametrize("grid_size", [0.02, 0.07])
+def test_group_matches_brute_force(hash_type, grid_size):
+    coord = random_cloud(2000, seed=3)
+    cells = assert_brute_force_grouping(group(coord, grid_size, hash_type), coord, grid_size,
+                                        hash_type)
     grid_coord, min_coord = voxelize(coord, grid_size)
     assert grid_coord.dtype == torch.int64
     assert grid_coord.tolist() == [list(c) for c in cells]
@@ -125,15 +131,8 @@ def test_counting_and_sorting_paths_agree_with_brute_force(hash_type, monkeypatc
     dense = group(coord, 0.09, hash_type)
     assert calls, "the counting path was not taken"
     sparse = group_sorted(coord, 0.09, hash_type)
-    keys, members, point_keys, cells = bf_group(coord, 0.09, hash_type)
     for vox in (dense, sparse):
-        assert unsigned(vox.keys) == keys
-        assert vox.counts.tolist() == [len(members[k]) for k in keys]
-        voxel_index = {k: v for v, k in enumerate(keys)}
-        assert vox.inverse.tolist() == [voxel_index[k] for k in point_keys]
-        assert vox.order.tolist() == [i for k in keys for i in members[k]]
-        assert vox.grid_coord.tolist() == [list(cells[members[k][0]]) for k in keys]
-        assert vox.inverse.dtype == vox.counts.dtype == vox.grid_coord.dtype == torch.int64
+        assert_brute_force_grouping(vox, coord, 0.09, hash_type)
     assert torch.equal(dense.min_coord, sparse.min_coord)
 
 

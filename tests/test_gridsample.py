@@ -136,6 +136,26 @@ def test_counting_and_sorting_paths_agree_with_brute_force(hash_type, monkeypatc
     assert torch.equal(dense.min_coord, sparse.min_coord)
 
 
+@pytest.mark.parametrize("hash_type", ["fnv", "ravel"])
+def test_a_cloud_far_from_the_origin_is_counted_exactly(hash_type):
+    """1e14 m away (floor(x / g) ~ 1e15, its products with the box strides beyond 2**53): the
+    counting path must still match the brute force."""
+    coord = random_cloud(3000, seed=15).double() + torch.tensor([1e14, -2e14, 5e13],
+                                                                  dtype=torch.float64)
+    assert_brute_force_grouping(group(coord, 0.09, hash_type), coord, 0.09, hash_type)
+
+
+def test_sample_train_under_a_float64_default_dtype():
+    vox = group(random_cloud(500, seed=16), 0.05)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        pick = sample_train(vox, torch.Generator().manual_seed(0))
+    finally:
+        torch.set_default_dtype(previous)
+    assert torch.equal(vox.inverse[pick], torch.arange(len(vox.keys)))
+
+
 def test_cells_sharing_an_fnv_key_are_merged_as_pointcept_does(monkeypatch):
     """With a hash that collides (x + y + z), Pointcept groups by key, merging cells: the
     counting path must notice and give the same result as the brute force."""

@@ -56,12 +56,14 @@ from torch import Tensor
 from vggt4d.errors import UserError
 
 __all__ = [
+    "DENSE_CELLS_PER_POINT",
     "MAX_CELLS",
     "Voxels",
     "cell_index",
     "fnv_hash",
     "group",
     "group_by_key",
+    "group_sorted",
     "ravel_hash",
     "sample_test",
     "sample_train",
@@ -273,13 +275,14 @@ def _box_index(rows: Tensor, grid_size: float, cell_min: list[int], counts: list
                ) -> Tensor:
     """(3, N) float64 coordinates (consumed) → (N,) int64 row-major index of every point's cell
     in the grid's bounding box, ``((x − x₀)·D_y + (y − y₀))·D_z + (z − z₀)`` with
-    ``(x, y, z) = floor(coord / g)`` (exact in float64: the box holds far fewer than 2**53
-    cells)."""
+    ``(x, y, z) = floor(coord / g)``. Each axis is made relative (``x − x₀`` is a small exact
+    integer however far the cloud lies from the origin) before the axes are combined, so the
+    float64 sums are exact (the box holds far fewer than 2**53 cells)."""
     rows.div_(float(grid_size)).floor_()
+    rows.sub_(torch.tensor(cell_min, dtype=torch.float64, device=rows.device)[:, None])
     strides = (counts[1] * counts[2], counts[2], 1)
     index = rows[2].add_(rows[1], alpha=strides[1]).add_(rows[0], alpha=strides[0])
-    offset = sum(low * stride for low, stride in zip(cell_min, strides, strict=True))
-    return index.sub_(offset).long()
+    return index.long()
 
 
 def _group_dense(box_index: Tensor, counts: list[int], hash_type: str, min_coord: Tensor
@@ -360,7 +363,8 @@ def sample_train(voxels: Voxels, generator: torch.Generator | None = None) -> Te
     count = inverse.shape[0]
     if count >= 2**32:
         raise UserError(f"cannot sample among {count} points (at most 2**32 - 1)")
-    draw = torch.rand(count, generator=generator, device=inverse.device).view(torch.int32)
+    draw = torch.rand(count, generator=generator, device=inverse.device,
+                      dtype=torch.float32).view(torch.int32)
     priority = torch.arange(count, device=inverse.device).add_(draw.long(), alpha=2**32)
     best = torch.full((len(voxels.keys),), -1, dtype=torch.int64, device=inverse.device)
     best.scatter_reduce_(0, inverse, priority, "amax")

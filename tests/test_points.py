@@ -101,6 +101,36 @@ def test_up_from_the_cameras_finds_the_rooms_vertical_in_a_tilted_world():
     assert floor.sum() > 50 and np.ptp(cloud.points.coord[floor, 2]) < 1e-4  # a level floor
 
 
+def _hand_held(frames: int, heading_deg: float, roll_deg: float, pitch_deg: float, seed: int
+               ) -> np.ndarray:
+    """(frames, 3, 4) world-to-camera of a camera in an OpenCV world (y down) turning by a
+    heading spread of ``heading_deg`` (std), rolling randomly by ``roll_deg`` (std), pitched
+    down by ``pitch_deg``."""
+    rng = np.random.default_rng(seed)
+    extrinsics = np.zeros((frames, 3, 4))
+    for t in range(frames):
+        c2w = Rotation.from_euler("YXZ", [rng.normal(0, heading_deg), -pitch_deg,
+                                          rng.normal(0, roll_deg)], degrees=True).as_matrix()
+        extrinsics[t, :, :3] = c2w.T
+    return extrinsics
+
+
+@pytest.mark.parametrize(("frames", "heading", "roll", "pitch"), [
+    (60, 20.0, 1.0, 15.0), (10, 20.0, 1.0, 15.0), (10, 4.0, 3.0, 5.0), (60, 4.0, 3.0, 5.0),
+    (60, 2.0, 0.5, 5.0)])
+def test_up_from_hand_held_cameras_stays_near_the_vertical(frames, heading, roll, pitch):
+    """Whatever the heading spread and roll noise, the estimate is never worse than the cameras'
+    common pitch (the fallback's bias), and exact-ish when the heading changes a lot (10 frames
+    with roll 3/4 of the heading spread put the plane's normal some 40° off)."""
+    worst = []
+    for seed in range(5):
+        rotation = camera_vertical(_hand_held(frames, heading, roll, pitch, seed))
+        cos = np.clip(rotation[2] @ [0.0, -1.0, 0.0], -1, 1)  # R_up maps u to e_z: u = row 2
+        worst.append(np.degrees(np.arccos(cos)))
+    plane_found = heading >= 10 and heading >= 10 * roll
+    assert max(worst) < (3.0 if plane_found else pitch + 2.0), worst
+
+
 def test_up_from_cameras_of_one_heading_falls_back_with_a_warning(caplog):
     upright = np.zeros((3, 3, 4))
     upright[:, :, :3] = np.eye(3)

@@ -45,7 +45,12 @@ SCALES = ("auto", "metric", "median_depth", "raw")
 UP_AXES = ("z", "cameras", "none")
 PLANAR_RIGHT_VECTORS = 0.005
 """Second / largest eigenvalue of the cameras' right-vector scatter above which they span a
-plane (a heading spread of about 4° standard deviation), whose normal is then the vertical."""
+plane (a heading spread of about 4° standard deviation), whose normal is then the vertical..."""
+FLAT_RIGHT_VECTORS = 0.1
+"""... provided the smallest eigenvalue is below this fraction of the second (the right vectors
+lie close to that plane: roll noise small against the heading spread)."""
+MAX_TILT_FROM_CAMERAS_DEG = 45.0
+"""... and the normal lies within this angle of the cameras' mean up vector."""
 METRIC_MODELS = ("da3nested-giant-large",)
 """Models whose depth is in metres (the nested model scales its any-view depth by the metric
 branch; da3metric-large alone has no camera head)."""
@@ -212,23 +217,28 @@ def camera_vertical(extrinsics: np.ndarray) -> np.ndarray:
 
     Hand-held and vehicle cameras barely roll, so each camera's right vector ``r_t = R_t^T e_x``
     is horizontal, whatever it pitches: when the right vectors span a plane (the heading
-    changes), the vertical ``u`` is that plane's normal, the eigenvector of ``Σ r rᵀ`` with the
-    smallest eigenvalue. With one heading throughout the plane is undetermined and ``u`` is the
-    mean up vector ``−R_t^T e_y`` made orthogonal to the mean right vector (a constant pitch then
-    tilts it). ``u`` is signed to agree with the cameras' up vectors.
+    changes, :data:`PLANAR_RIGHT_VECTORS`) and stay close to it (:data:`FLAT_RIGHT_VECTORS`),
+    the vertical ``u`` is that plane's normal, the eigenvector of ``Σ r rᵀ`` with the smallest
+    eigenvalue, signed to agree with the cameras' up vectors ``−R_t^T e_y``. Otherwise (one
+    heading throughout, or roll comparable to the heading changes), or when that normal is more
+    than :data:`MAX_TILT_FROM_CAMERAS_DEG` from the mean up vector, ``u`` is the mean up vector
+    made orthogonal to the mean right vector (a common pitch then tilts it; a warning says so).
     """
     rot = np.asarray(extrinsics, dtype=np.float64)[:, :, :3]
     right, up, forward = rot[:, 0], -rot[:, 1], rot[:, 2]
+    mean_up = up.mean(axis=0) / np.linalg.norm(up.mean(axis=0))
     values, vectors = np.linalg.eigh(right.T @ right / len(right))
-    if values[1] > PLANAR_RIGHT_VECTORS * values[2]:
-        vertical = vectors[:, 0]
+    normal = vectors[:, 0] * (np.sign(vectors[:, 0] @ mean_up) or 1.0)
+    if (values[1] > PLANAR_RIGHT_VECTORS * values[2] and values[0] < FLAT_RIGHT_VECTORS * values[1]
+            and normal @ mean_up > np.cos(np.radians(MAX_TILT_FROM_CAMERAS_DEG))):
+        vertical = normal
     else:
-        log.warning("points.up=cameras: the cameras keep one heading, so the vertical is their "
-                    "mean up vector (tilted by any common pitch)")
+        log.warning("points.up=cameras: the cameras' right vectors do not span a clear "
+                    "horizontal plane (one heading, or roll as large as the heading changes), so "
+                    "the vertical is their mean up vector (tilted by any common pitch)")
         mean_right = right.mean(axis=0) / np.linalg.norm(right.mean(axis=0))
-        vertical = up.mean(axis=0) - up.mean(axis=0) @ mean_right * mean_right
+        vertical = mean_up - mean_up @ mean_right * mean_right
     vertical = vertical / np.linalg.norm(vertical)
-    vertical *= np.sign(vertical @ up.mean(axis=0)) or 1.0
     heading = forward.mean(axis=0) - forward.mean(axis=0) @ vertical * vertical
     if np.linalg.norm(heading) < 1e-6:  # looking straight up or down: any horizontal heading
         heading = np.cross(vertical, right.mean(axis=0))
@@ -240,9 +250,10 @@ def world_to_scene(scale: float, up: str, extrinsics: np.ndarray | None = None) 
     """(4, 4) similarity ``X_scene = s · R_up · X_world``: ``R_up`` = :data:`Y_DOWN_TO_Z_UP` for
     ``up=z``, :func:`camera_vertical` of ``extrinsics`` for ``up=cameras``, identity for
     ``up=none``."""
-    rotation = {"z": Y_DOWN_TO_Z_UP, "none": np.eye(3)}.get(up)
-    if rotation is None:
-        rotation = camera_vertical(extrinsics)
+    if up not in UP_AXES:
+        raise UserError(f"points.up='{up}' is not one of {', '.join(UP_AXES)}")
+    rotation = camera_vertical(extrinsics) if up == "cameras" else (
+        Y_DOWN_TO_Z_UP if up == "z" else np.eye(3))
     transform = np.eye(4)
     transform[:3, :3] = scale * rotation
     return transform

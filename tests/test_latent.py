@@ -237,6 +237,11 @@ def test_the_file_carries_intrinsics_and_its_format_and_refuses_newer_ones(small
     torch.save(data, tmp_path / "b.pt")
     with pytest.raises(UserError, match="format 99"):
         read_latent(tmp_path / "b.pt")
+    torch.save({"tokens": torch.zeros(3)}, tmp_path / "c.pt")
+    with pytest.raises(UserError, match=r"not a scene_latent\.pt"):
+        read_latent(tmp_path / "c.pt")
+    with pytest.raises(UserError, match="cannot read"):
+        read_latent(tmp_path / "missing.pt")
 
 
 def test_camera_codes_in_the_encoder_frame_or_in_das_world(small_scene):

@@ -119,6 +119,12 @@ def test_check_checkpoint_refuses_what_loading_refuses_without_loading(tmp_path,
     state = {k: v for k, v in PTv3Encoder(TINY).state_dict().items() if "enc4" not in k}
     message = _one_line_error(lambda: check_checkpoint(_write(tmp_path / "m.pth", state), "tiny"))
     assert "missing keys enc.enc4" in message
+    legacy = tmp_path / "legacy.pth"
+    torch.save(torch.load(path, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    assert check_checkpoint(legacy, "tiny") == legacy  # no mmap for the old format: read in
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(path.read_bytes()[:1000])
+    assert "cannot read" in _one_line_error(lambda: check_checkpoint(truncated, "tiny"))
     loads = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))

@@ -20,8 +20,12 @@ MODEL = ["model=da3-small", "model.weights=random", "process_res=140", "latent.e
 FAST = [*MODEL, "data.num_frames=4"]
 
 
-def run_cli(tmp_path: Path, *overrides: str, job: str = "job") -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+def run_cli(tmp_path: Path, *overrides: str, job: str = "job",
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m vggt4d.run`` offline, with an empty Hugging Face cache of its own (so weights
+    a developer has downloaded do not change what the hub tests see)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+           "HF_HOME": str(tmp_path / "hf"), **(env or {})}
     args = [sys.executable, "-m", "vggt4d.run", f"hydra.run.dir={tmp_path / job}",
             f"cache_dir={tmp_path / 'cache'}", *overrides]
     return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -179,7 +183,9 @@ def test_bad_input_is_one_clear_line(tmp_path, case, needle):
         base = [o for o in base if not o.startswith("latent.")]
     if case == "latent_without_cameras":
         base = [o for o in base if not o.startswith("model=")]
-    result = run_cli(tmp_path, *base, *overrides)
+    # the concerto package's download folder lies under HOME
+    home = {"HOME": str(tmp_path / "home")} if case == "concerto_unreachable" else None
+    result = run_cli(tmp_path, *base, *overrides, env=home)
     assert_user_error(result, needle, tmp_path / "job")
 
 

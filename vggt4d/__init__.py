@@ -11,4 +11,4 @@ os.environ.setdefault("DA3_LOG_LEVEL", "ERROR")
 # (GridSample on millions of points) cost more than the arithmetic. NumPy does this by default.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -347,8 +347,8 @@ def require_cameras(model: ModelConfig, stage: str) -> None:
     """Raise :class:`UserError` when ``stage`` needs DA3's cameras and ``model`` predicts none."""
     if not model.camera_head:
         raise UserError(f"{stage} needs camera poses, but {model.name} predicts depth only (no "
-                        f"camera head): use da3-large, da3-giant or da3nested-giant-large, or "
-                        f"remove {stage} from the pipeline")
+                        f"camera head): use da3-small, da3-base, da3-large, da3-giant or "
+                        f"da3nested-giant-large, or remove {stage} from the pipeline")
 
 
 def _check_layers(name: str, layers: list[int], num_blocks: int) -> None:

@@ -398,13 +398,14 @@ def geometry_scores(ctx, truth) -> dict:
         depth = upsample_bilinear(prediction.depth, truth.depth.shape[1:3])
         scores[name] = {"depth": depth_metrics(depth, truth.depth)}
         try:
-            if prediction.extrinsics is None:
-                raise UserError(f"{ctx.cfg.model.name} predicts no cameras")
-            scores[name]["pose"] = pose_metrics(prediction.extrinsics, truth.extrinsics)
-            poses = f", ATE {scores[name]['pose']['ate']:.4f}"
-        except UserError as err:  # no camera head, too few frames or a degenerate path
+            scores[name]["pose"] = pose_metrics(prediction.extrinsics, truth.extrinsics) \
+                if prediction.extrinsics is not None else {
+                    "skipped": f"{ctx.cfg.model.name} predicts no cameras"}
+        except UserError as err:  # too few frames or a degenerate predicted path
             scores[name]["pose"] = {"skipped": str(err)}
-            poses = f"; poses not scored ({err})"
+        pose = scores[name]["pose"]
+        poses = f"; poses not scored ({pose['skipped']})" if "skipped" in pose \
+            else f", ATE {pose['ate']:.4f}"
         log.info("eval %s: depth AbsRel %.3f, delta<1.25 %.3f%s", name,
                  scores[name]["depth"]["abs_rel"], scores[name]["depth"]["delta_1.25"], poses)
     return scores

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -34,11 +35,21 @@ def unreachable_reason() -> str | None:
     endpoint = urlparse(constants.ENDPOINT)
     host = endpoint.hostname or "huggingface.co"
     port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    try:
-        socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
-    except OSError as err:
-        return f"{host}:{port} is not reachable: {err.strerror or err}"
-    return None
+    outcome: dict[str, object] = {}
+
+    def connect() -> None:  # name resolution ignores socket timeouts: bounded by the join
+        try:
+            socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+            outcome["ok"] = True
+        except OSError as err:
+            outcome["error"] = err.strerror or str(err)
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(2 * PROBE_TIMEOUT_S)
+    if "ok" in outcome:
+        return None
+    return f"{host}:{port} is not reachable: {outcome.get('error', 'no answer in time')}"
 
 
 def hub_folder(repo_id: str, filenames: list[str], what: str, remedy: str) -> Path:

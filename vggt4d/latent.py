@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -509,11 +510,17 @@ def write_latent(path: Path, latent: SceneLatent, dtype: torch.dtype) -> None:
 def read_latent(path: str | Path) -> dict:
     """``scene_latent.pt`` as the dict :meth:`SceneLatent.to_dict` wrote (``weights_only``
     unpickling: reading a file runs no code), refused when it comes from a newer format."""
-    data = torch.load(Path(path), map_location="cpu", weights_only=True)
-    version = data.get("format_version", 0) if isinstance(data, dict) else None
-    if version is None or version > FORMAT_VERSION:
-        raise UserError(f"{path} is not a scene_latent.pt this vggt4d reads (format "
-                        f"{version}, this version reads up to {FORMAT_VERSION}): update vggt4d")
+    try:
+        data = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"cannot read {path}: {reason}") from None
+    if not isinstance(data, dict) or "geo_feat" not in data:
+        raise UserError(f"{path} is not a scene_latent.pt (no dict with geo_feat)")
+    version = data.get("format_version", 0)
+    if version > FORMAT_VERSION:
+        raise UserError(f"{path} has format {version}; this vggt4d reads up to "
+                        f"{FORMAT_VERSION}: update vggt4d")
     return data
 
 
@@ -577,10 +584,16 @@ class LatentStage:
             self.weights_file = check_checkpoint(settings.weights, settings.encoder,
                                                  encoder_overrides(settings))
 
-    def _inputs(self, ctx):
-        prediction = ctx.artifacts.get("prediction_pass2", ctx.artifacts["prediction"])
+    @staticmethod
+    def _inputs(ctx):
+        """The prediction and masks the tokens are built from, and their names (``sources``):
+        the second pass when it ran, the refined masks when refine ran."""
+        second, refined = "prediction_pass2" in ctx.artifacts, "refined_masks" in ctx.artifacts
+        prediction = ctx.artifacts["prediction_pass2" if second else "prediction"]
         masks = ctx.artifacts.get("refined_masks", ctx.artifacts.get("masks"))
-        return prediction, masks
+        masks_name = "refined" if refined else (None if masks is None else "coarse")
+        return prediction, masks, {"prediction": "pass2" if second else "pass1",
+                                   "masks": masks_name}
 
     def cache_key(self, ctx) -> str:
         from dataclasses import asdict
@@ -588,28 +601,20 @@ class LatentStage:
         from vggt4d import __version__
         from vggt4d.cache import content_key
 
-        prediction, masks = self._inputs(ctx)
+        prediction, masks, sources = self._inputs(ctx)
         arrays = [prediction.depth, prediction.conf, prediction.extrinsics,
                   prediction.intrinsics, prediction.frames, prediction.sky]
         arrays += [None, None] if masks is None else [masks.soft, masks.binary]
         weights = None if self.weights_file is None else _file_identity(self.weights_file)
         return content_key(*(b"" if a is None else np.ascontiguousarray(a).tobytes()
-                             for a in arrays), self._sources(ctx),
+                             for a in arrays), sources,
                            asdict(ctx.cfg.points), asdict(ctx.cfg.latent), weights,
                            self.scale_mode, self.device.type, __version__)
-
-    @staticmethod
-    def _sources(ctx) -> dict[str, str | None]:
-        """Which DA3 pass and which masks the tokens are built from."""
-        masks = "refined" if "refined_masks" in ctx.artifacts else (
-            "coarse" if "masks" in ctx.artifacts else None)
-        return {"prediction": "pass2" if "prediction_pass2" in ctx.artifacts else "pass1",
-                "masks": masks}
 
     def run(self, ctx) -> None:
         from vggt4d.points import scene_points
 
-        prediction, masks = self._inputs(ctx)
+        prediction, masks, sources = self._inputs(ctx)
         points_cfg, settings = ctx.cfg.points, ctx.cfg.latent
         seconds: dict[str, float] = {}
         started = time.perf_counter()
@@ -623,7 +628,7 @@ class LatentStage:
         seconds["encoder_build"] = time.perf_counter() - started - sum(seconds.values())
         latent = scene_latent(cloud, prediction.extrinsics, prediction.intrinsics, settings,
                               self.device, encoder, points_cfg.max_per_frame, points_cfg.seed)
-        latent.meta["sources"] = self._sources(ctx)
+        latent.meta["sources"] = sources
         seconds["tokens"] = time.perf_counter() - started - sum(seconds.values())
         write_latent(ctx.out_dir / OUTPUT, latent, SAVE_DTYPES[settings.save_dtype])
         if settings.ply:

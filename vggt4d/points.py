@@ -122,7 +122,7 @@ class PointsSettings:
 class ScenePoints:
     """N points in the scene frame (``world_to_scene`` applied), one per kept pixel."""
 
-    coord: np.ndarray  # (N, 3) float32 scene-frame position (z up, metres)
+    coord: np.ndarray  # (N, 3) float32 scene-frame position (``world_to_scene``)
     color: np.ndarray  # (N, 3) uint8 RGB
     normal: np.ndarray  # (N, 3) float32 unit normal facing the camera, or zeros
     frame: np.ndarray  # (N,) int64 frame (= camera) index, non-decreasing
@@ -161,7 +161,7 @@ class PointCloud:
     kept: np.ndarray  # (T, H, W) bool pixels that became points
     world_to_scene: np.ndarray  # (4, 4) float64 similarity X_scene = s · R_up · X_world
     scale: float  # s
-    scale_mode: str  # metric | median_depth
+    scale_mode: str  # metric | median_depth | raw
     num_frames: int
 
 

@@ -98,7 +98,7 @@ def main(cfg: DictConfig) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         if not remove_if_no_results(out_dir):
-            log_to_file_only(f"error: {err} (the files above were written before it)")
+            log_to_file_only(f"error: {err} (files written before the error are kept)")
         sys.exit(2)
     finally:
         if not sequential_jobs_follow():

@@ -151,8 +151,8 @@ def _read(path: Path, mmap: bool = False) -> dict:
     try:
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError:
-            if not mmap:
+        except RuntimeError as error:
+            if not (mmap and str(error).startswith("mmap can only be used")):
                 raise
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:

@@ -41,7 +41,8 @@ counts the points per cell of the box (``bincount`` of the row-major cell index)
 sorts only the V occupied cells, and maps every point to its voxel through a cell → voxel table:
 O(N + cells + V log V) instead of O(N log N), with the same keys, counts, inverse and voxel
 coordinates. The point order inside voxels (:attr:`Voxels.order`) is only computed (one stable
-sort) when asked for. Larger boxes, and the rare grids whose occupied cells share an FNV key,
+sort) when asked for; the latent stage asks, for its per-voxel sums (a sorted segment reduction
+gives the same bits on every run and device, where scattered float additions on CUDA do not). Larger boxes, and the rare grids whose occupied cells share an FNV key,
 take the sorting path.
 """
 

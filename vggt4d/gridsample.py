@@ -42,8 +42,8 @@ sorts only the V occupied cells, and maps every point to its voxel through a cel
 O(N + cells + V log V) instead of O(N log N), with the same keys, counts, inverse and voxel
 coordinates. The point order inside voxels (:attr:`Voxels.order`) is only computed (one stable
 sort) when asked for; the latent stage asks, for its per-voxel sums (a sorted segment reduction
-gives the same bits on every run and device, where scattered float additions on CUDA do not). Larger boxes, and the rare grids whose occupied cells share an FNV key,
-take the sorting path.
+gives the same bits on every run and device, where scattered float additions on CUDA do not).
+Larger boxes, and the rare grids whose occupied cells share an FNV key, take the sorting path.
 """
 
 from __future__ import annotations

@@ -616,28 +616,34 @@ class LatentStage:
 
         prediction, masks, sources = self._inputs(ctx)
         points_cfg, settings = ctx.cfg.points, ctx.cfg.latent
+        started = last = time.perf_counter()
         seconds: dict[str, float] = {}
-        started = time.perf_counter()
+
+        def lap(step: str) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            seconds[step], last = round(now - last, 3), now
+
         cloud = scene_points(
             prediction.depth, prediction.conf, prediction.frames, prediction.intrinsics,
             prediction.extrinsics, points_cfg, self.scale_mode, sky=prediction.sky,
             dynamic_prob=None if masks is None else masks.soft,
             dynamic=None if masks is None else masks.binary)
-        seconds["points"] = time.perf_counter() - started
+        lap("points")
         encoder = None if settings.encoder == "none" else build_encoder(settings, self.device)
-        seconds["encoder_build"] = time.perf_counter() - started - sum(seconds.values())
+        lap("encoder_build")
         latent = scene_latent(cloud, prediction.extrinsics, prediction.intrinsics, settings,
                               self.device, encoder, points_cfg.max_per_frame, points_cfg.seed)
         latent.meta["sources"] = sources
-        seconds["tokens"] = time.perf_counter() - started - sum(seconds.values())
+        lap("tokens")
         write_latent(ctx.out_dir / OUTPUT, latent, SAVE_DTYPES[settings.save_dtype])
         if settings.ply:
             write_ply(ctx.out_dir / PLY, latent)
-        seconds["write"] = time.perf_counter() - started - sum(seconds.values())
+        lap("write")
         report = {**latent.meta, "dynamic_tokens": int((latent.aggregates.dynamic > 0.5).sum()),
                   "pixels_in_tokens": int((latent.pixel_voxel >= 0).sum()),
                   "seconds": round(time.perf_counter() - started, 3),
-                  "seconds_by_step": {step: round(value, 3) for step, value in seconds.items()},
+                  "seconds_by_step": seconds,
                   "device": str(self.device)}
         atomic_write(ctx.out_dir / REPORT,
                      lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))

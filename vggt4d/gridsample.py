@@ -175,11 +175,16 @@ def voxelize(coord: Tensor, grid_size: float) -> tuple[Tensor, Tensor]:
     return _grid_coord(rows, grid_size, cell_min), _min_coord(cell_min, grid_size, coord)
 
 
+def _relative_cells(rows: Tensor, grid_size: float, cell_min: list[int]) -> Tensor:
+    """(3, N) float64 coordinates → ``floor(x / g) − cell_min`` per axis, in place: small exact
+    integers however far the cloud lies from the origin."""
+    rows.div_(float(grid_size)).floor_()
+    return rows.sub_(torch.tensor(cell_min, dtype=torch.float64, device=rows.device)[:, None])
+
+
 def _grid_coord(rows: Tensor, grid_size: float, cell_min: list[int]) -> Tensor:
     """(3, N) float64 coordinates (consumed) → (N, 3) int64 ``floor(x / g) − cell_min``."""
-    rows.div_(float(grid_size)).floor_()
-    rows.sub_(torch.tensor(cell_min, dtype=torch.float64, device=rows.device)[:, None])
-    return rows.long().t()
+    return _relative_cells(rows, grid_size, cell_min).long().t()
 
 
 def fnv_hash(grid_coord: Tensor) -> Tensor:
@@ -276,11 +281,10 @@ def _box_index(rows: Tensor, grid_size: float, cell_min: list[int], counts: list
                ) -> Tensor:
     """(3, N) float64 coordinates (consumed) → (N,) int64 row-major index of every point's cell
     in the grid's bounding box, ``((x − x₀)·D_y + (y − y₀))·D_z + (z − z₀)`` with
-    ``(x, y, z) = floor(coord / g)``. Each axis is made relative (``x − x₀`` is a small exact
-    integer however far the cloud lies from the origin) before the axes are combined, so the
-    float64 sums are exact (the box holds far fewer than 2**53 cells)."""
-    rows.div_(float(grid_size)).floor_()
-    rows.sub_(torch.tensor(cell_min, dtype=torch.float64, device=rows.device)[:, None])
+    ``(x, y, z) = floor(coord / g)``. Each axis is made relative (:func:`_relative_cells`) before
+    the axes are combined, so the float64 sums are exact (the box holds far fewer than 2**53
+    cells)."""
+    rows = _relative_cells(rows, grid_size, cell_min)
     strides = (counts[1] * counts[2], counts[2], 1)
     index = rows[2].add_(rows[1], alpha=strides[1]).add_(rows[0], alpha=strides[0])
     return index.long()

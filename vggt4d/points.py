@@ -165,17 +165,17 @@ class PointCloud:
     num_frames: int
 
 
-def keep_mask(depth: np.ndarray, conf: np.ndarray | None, sky: np.ndarray | None,
+def keep_mask(depth: np.ndarray, conf: np.ndarray, sky: np.ndarray | None,
               settings: PointsSettings) -> np.ndarray:
     """(T, H, W) bool: finite positive depth (below ``max_depth`` when set), confidence ≥ the
-    clip's ``conf_percentile``-th percentile (over valid-depth pixels; models without a
-    confidence keep all), sky probability < ``sky_threshold``."""
+    clip's ``conf_percentile``-th percentile (over valid-depth pixels), sky probability
+    < ``sky_threshold``."""
     keep = np.isfinite(depth) & (depth > 0)
     if settings.max_depth > 0:
         keep &= depth < settings.max_depth
     if sky is not None:
         keep &= ~(sky >= settings.sky_threshold)
-    if conf is not None and settings.conf_percentile > 0 and keep.any():
+    if settings.conf_percentile > 0 and keep.any():
         keep &= conf >= np.percentile(conf[keep], settings.conf_percentile)
     return keep
 

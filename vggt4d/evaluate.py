@@ -1,46 +1,67 @@
-"""DAVIS-2016-style scores for binary dynamic masks: region J, boundary F and their recalls.
+"""DAVIS region (J) and boundary (F) scores of binary dynamic masks, computed as the official
+DAVIS code computes them, under three named protocols.
 
-Definitions (all masks are ``(H, W)`` bool, foreground = moving object):
+Sources: the DAVIS-2016 toolkit (github.com/fperazzi/davis, ``python/lib/davis/measures/``
+``jaccard.py`` and ``f_boundary.py``, ``dataset/utils.py::db_statistics``, ``dataset/loader.py``)
+and davis2017-evaluation (github.com/davisvideochallenge/davis2017-evaluation, ``davis2017/``
+``metrics.py``, ``utils.py::db_statistics``, ``davis.py``, ``evaluation.py``). Neither is on PyPI
+(the 2016 toolkit is Python 2, the 2017 one installs from GitHub only), so the definitions below
+are written here from their description, with NumPy/SciPy and ``skimage.morphology.disk``; no
+library offers DAVIS's boundary map (``skimage.segmentation.find_boundaries`` marks other pixels).
 
-* **J (region similarity)** = ``|P ∩ G| / |P ∪ G|``, the intersection over union of the
-  predicted and ground-truth foreground.  When both masks are empty the union is empty and the
-  ratio is undefined; the score is then the parameter ``empty_score``:
+Per frame, for ``(H, W)`` bool masks P (prediction), G (ground truth) and V (void, optional):
 
-  - ``empty_score=1.0`` (default) follows the DAVIS toolkit, which counts "nothing predicted where
-    nothing moves" as a perfect frame;
-  - ``empty_score=0.0`` follows VGGT4D's evaluation code, which scores such frames 0.
+* **J** = ``|P ∩ G \\ V| / |(P ∪ G) \\ V|``; when that union is empty, J is the protocol's
+  ``empty_union_j`` (1 in both DAVIS codes, 0 in VGGT4D's evaluation).
+* **Boundary map** (DAVIS's ``seg2bmap``): pixel (y, x) is a boundary pixel when the mask differs
+  there from its east (y, x+1), south (y+1, x) or south-east (y+1, x+1) neighbour; in the last
+  row only the east neighbour is compared, in the last column only the south one, and the
+  bottom-right pixel never is one. Background pixels can be boundary pixels (a one-pixel object at
+  (y, x) marks (y, x−1), (y−1, x), (y−1, x−1) and itself), and a mask filling the whole image has
+  no boundary at all.
+* **F**: the tolerance ``bound_pix`` is ``bound_th`` pixels when ``bound_th ≥ 1``, else
+  ``ceil(bound_th · sqrt(H² + W²))`` (0.008 → 8 px at 854×480, 5 px at 518×294). Each boundary map
+  is dilated by ``skimage.morphology.disk(bound_pix)`` (Euclidean distance ≤ bound_pix);
+  precision = |B_P ∩ dilate(B_G)| / |B_P|, recall = |B_G ∩ dilate(B_P)| / |B_G|, except
+  (precision, recall) = (1, 0) when only B_P is empty, (0, 1) when only B_G is, (1, 1) when both
+  are. ``F = 2PR / (P + R)``, 0 when ``P + R = 0``: F = 1 when both boundaries are empty (also for
+  a full mask against an empty one, where J = 0) and F = 0 when exactly one is. With void pixels
+  both masks are cleared on V before their boundaries are taken (davis2017 ``f_measure``), so the
+  edge of a void region can be a boundary. F is the same in every protocol.
+* **Statistics** of a sequence's per-frame values x (``db_statistics``): mean ``M = nanmean(x)``,
+  recall ``R = mean(x > 0.5)`` (strictly greater), decay ``D = mean(bin₁) − mean(bin₄)`` with bin
+  edges ``e_k = round(1 + k(n − 1)/4) − 1`` (halves rounded up), k = 0…4, and bin i holding
+  ``x[e_i], …, x[e_{i+1}]`` — both ends included, so neighbouring bins share a frame; these are
+  not four equal parts (``np.array_split``). The official code stores the edges in uint8, which
+  breaks sequences of 256 frames or more (an empty last bin, D = NaN); here they do not wrap
+  (DAVIS sequences have at most 104 frames, where both agree bit for bit).
+  A set of sequences is summarised by the plain mean of each statistic over sequences (every
+  sequence weighs the same; davis2017 ``evaluation_method.py`` also reports J&F = (JM + FM)/2).
 
-* **Boundary map**: a foreground pixel is a boundary pixel when at least one of its four
-  neighbours (up, down, left, right) is background; pixels outside the image count as
-  background, so a mask touching the image border is closed off along the border.  This is the
-  inner contour of the mask, one pixel thin and 8-connected, and symmetric under flips and
-  transposes.  (The DAVIS toolkit's ``seg2bmap`` instead marks a pixel that differs from its
-  right, bottom or bottom-right neighbour, which is also one pixel thin but shifted towards the
-  bottom-right and treats only the right/bottom image edges as background.)  With this choice a
-  mask's boundary is empty exactly when the mask is empty.
+Protocols (:func:`protocol_rules`; every result records the name):
 
-* **F (boundary F-measure)**: the match tolerance is
-  ``bound_pix = ceil(bound_th · sqrt(H² + W²))`` pixels (``bound_th = 0.008`` as in DAVIS).
-  Precision ``P`` is the fraction of predicted boundary pixels that lie within ``bound_pix`` of a
-  ground-truth boundary pixel — "within" meaning inside the ground-truth boundary dilated by
-  ``skimage.morphology.disk(bound_pix)``, i.e. Euclidean distance ``≤ bound_pix`` — and recall
-  ``R`` is the converse.  ``F = 2PR / (P + R)``, and 0 when ``P + R = 0``.  When both boundaries
-  are empty F is ``empty_score`` (the same convention as J; DAVIS gets 1 there); when exactly one
-  is empty F is 0.
+=========  ===============  ====================================  ==============================
+name       J, empty union   label 255 of a palette annotation     frames scored
+=========  ===============  ====================================  ==============================
+davis2016  1                foreground (no void)                  all but the first and the last
+davis2017  1                void: left out of J and F             all (the unsupervised task)
+vggt4d     0                foreground (no void)                  all
+=========  ===============  ====================================  ==============================
 
-* **Recall statistics**: ``JR`` is the fraction of frames with ``J > 0.5`` and ``FR`` the fraction
-  with ``F > 0.5`` (strictly greater).  Per sequence ``JM`` / ``FM`` are the means of J / F over the
-  frames; across sequences the per-sequence numbers are averaged with equal weight per sequence
-  (VGGT4D's convention, not a mean over all frames of all sequences).
+davis2016 follows the 2016 toolkit (annotations read as grey values ≠ 0, per-frame values NaN on
+the first and last frame); davis2017 the 2017 code's unsupervised task with all objects of an
+annotation united into one foreground; vggt4d VGGT4D's DAVIS script (annotations read as
+value > 0, every frame, J = 0 on an empty union, F as DAVIS, per-sequence statistics averaged
+over sequences). Excluded frames appear as ``None`` in the per-frame lists.
 
 Command line::
 
-    python -m vggt4d.evaluate PRED GT [--bound-th 0.008] [--empty-score 1] [--out metrics.json]
+    python -m vggt4d.evaluate PRED GT [--protocol davis2017] [--bound-th 0.008] [--out m.json]
 
 ``GT`` is a DAVIS root (``Annotations/480p/<seq>/*.png`` or ``Annotations/<seq>/*.png``), a folder
-of sequence folders, or one sequence folder of PNGs; ``PRED`` mirrors it with ``<PRED>/<seq>/``
-(or ``<PRED>/<seq>/masks/``) per sequence, or is one folder of PNGs (or a runner job folder
-holding ``masks/``) for a single sequence.
+of sequence folders (e.g. ``DAVIS/Annotations_unsupervised/480p``), or one sequence folder of
+PNGs; ``PRED`` mirrors it with ``<PRED>/<seq>/`` (or ``<PRED>/<seq>/masks/``) per sequence, or is
+one folder of PNGs (or a runner job folder holding ``masks/``) for a single sequence.
 """
 
 from __future__ import annotations
@@ -51,7 +72,10 @@ import logging
 import math
 import re
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -65,8 +89,42 @@ from vggt4d.stage import UncachedStage
 log = logging.getLogger(__name__)
 
 DEFAULT_BOUND_TH = 0.008
-_CROSS = ndimage.generate_binary_structure(2, 1)  # the 4-neighbourhood plus the centre
-_METRICS = ("JM", "JR", "FM", "FR")
+DEFAULT_PROTOCOL = "davis2017"
+VOID_LABEL = 255
+"""DAVIS's void label: palette index 255 of an annotation PNG."""
+_STATISTICS = ("JM", "JR", "JD", "FM", "FR", "FD")
+
+
+@dataclass(frozen=True)
+class ProtocolRules:
+    """Every convention of one evaluation protocol (see the module docstring for the sources)."""
+
+    name: str
+    empty_union_j: float
+    """J of a frame where prediction and truth (void left out) are both empty."""
+    void: bool
+    """Palette index 255 of an annotation is void (left out of J and F); else it is foreground."""
+    skip_ends: bool
+    """The first and last frame of every sequence are not scored."""
+
+
+_PROTOCOLS = {
+    "davis2016": ProtocolRules("davis2016", empty_union_j=1.0, void=False, skip_ends=True),
+    "davis2017": ProtocolRules("davis2017", empty_union_j=1.0, void=True, skip_ends=False),
+    "vggt4d": ProtocolRules("vggt4d", empty_union_j=0.0, void=False, skip_ends=False),
+}
+PROTOCOLS = tuple(_PROTOCOLS)
+
+
+def protocol_rules(name: str) -> ProtocolRules:
+    """The rules of protocol ``name`` (``davis2016``, ``davis2017`` or ``vggt4d``)."""
+    rules = _PROTOCOLS.get(str(name))
+    if rules is None:
+        raise UserError(f"unknown evaluation protocol {name!r}: use one of {', '.join(PROTOCOLS)}")
+    return rules
+
+
+# ---------------------------------------------------------------- one frame
 
 
 def _as_mask(mask: np.ndarray, name: str) -> np.ndarray:
@@ -76,58 +134,136 @@ def _as_mask(mask: np.ndarray, name: str) -> np.ndarray:
     return array.astype(bool, copy=False)
 
 
-def _check_same_shape(pred: np.ndarray, gt: np.ndarray) -> None:
-    if pred.shape != gt.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from ground truth {gt.shape}")
+def _frame_pair(
+    pred: np.ndarray, truth: np.ndarray, void: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Both masks as ``(H, W)`` bool, and ``~void`` (None without void)."""
+    pred, truth = _as_mask(pred, "pred"), _as_mask(truth, "truth")
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from ground truth {truth.shape}")
+    if void is None:
+        return pred, truth, None
+    void = _as_mask(void, "void")
+    if void.shape != truth.shape:
+        raise ValueError(f"void shape {void.shape} differs from ground truth {truth.shape}")
+    return pred, truth, ~void
 
 
-def jaccard(pred: np.ndarray, gt: np.ndarray, empty_score: float = 1.0) -> float:
-    """Region similarity J: IoU of two ``(H, W)`` bool masks; ``empty_score`` if both are empty."""
-    pred, gt = _as_mask(pred, "pred"), _as_mask(gt, "gt")
-    _check_same_shape(pred, gt)
-    union = int(np.count_nonzero(pred | gt))
-    if union == 0:
-        return float(empty_score)
-    return int(np.count_nonzero(pred & gt)) / union
+def jaccard(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    void: np.ndarray | None = None,
+    *,
+    empty_union: float = 1.0,
+) -> float:
+    """Region similarity J of ``(H, W)`` masks: ``|P ∩ G \\ V| / |(P ∪ G) \\ V|``, and
+    ``empty_union`` when that union is empty (DAVIS 1, VGGT4D 0)."""
+    pred, truth, valid = _frame_pair(pred, truth, void)
+    inter, union = pred & truth, pred | truth
+    if valid is not None:
+        inter &= valid
+        union &= valid
+    n_union = int(np.count_nonzero(union))
+    if n_union == 0:
+        return float(empty_union)
+    return int(np.count_nonzero(inter)) / n_union
 
 
 def boundary_map(mask: np.ndarray) -> np.ndarray:
-    """Foreground pixels with a background 4-neighbour (outside the image is background)."""
+    """DAVIS's ``seg2bmap`` of an ``(H, W)`` mask → ``(H, W)`` bool: pixels that differ from their
+    east, south or south-east neighbour (last row: east only; last column: south only; the
+    bottom-right pixel never)."""
     mask = _as_mask(mask, "mask")
-    interior = ndimage.binary_erosion(mask, structure=_CROSS, border_value=0)
-    return mask & ~interior
+    inner = mask[:-1, :-1]
+    boundary = np.zeros_like(mask)
+    boundary[:-1, :-1] = (
+        (inner != mask[:-1, 1:]) | (inner != mask[1:, :-1]) | (inner != mask[1:, 1:])
+    )
+    boundary[-1, :-1] = mask[-1, :-1] != mask[-1, 1:]
+    boundary[:-1, -1] = mask[:-1, -1] != mask[1:, -1]
+    return boundary
 
 
 def bound_pixels(shape: tuple[int, ...], bound_th: float = DEFAULT_BOUND_TH) -> int:
-    """The match tolerance in pixels: ``ceil(bound_th · sqrt(H² + W²))``."""
+    """Match radius in pixels for frames of ``shape`` (…, H, W): ``bound_th`` when ≥ 1 (a whole
+    number of pixels), else ``ceil(bound_th · sqrt(H² + W²))``."""
+    if not (math.isfinite(bound_th) and bound_th >= 0):
+        raise UserError(f"bound_th={bound_th} must be >= 0 (a fraction of the image diagonal, "
+                        f"or pixels when >= 1)")
+    if bound_th >= 1:
+        if bound_th != int(bound_th):
+            raise UserError(f"bound_th={bound_th} is >= 1, so it is a radius in pixels: give a "
+                            f"whole number (or a fraction of the diagonal below 1)")
+        return int(bound_th)
     height, width = shape[-2], shape[-1]
-    return math.ceil(bound_th * math.hypot(height, width))
+    return math.ceil(bound_th * math.sqrt(height * height + width * width))
+
+
+def boundary_precision_recall(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    void: np.ndarray | None = None,
+    *,
+    bound_th: float = DEFAULT_BOUND_TH,
+) -> tuple[float, float]:
+    """Boundary precision and recall of ``(H, W)`` masks, with DAVIS's values when a boundary is
+    empty: (1, 0) when only the prediction's is, (0, 1) when only the truth's is, (1, 1) when
+    both are. Void pixels are cleared from both masks first."""
+    pred, truth, valid = _frame_pair(pred, truth, void)
+    radius = bound_pixels(truth.shape, bound_th)
+    if valid is not None:
+        pred, truth = pred & valid, truth & valid
+    pred_b, truth_b = boundary_map(pred), boundary_map(truth)
+    n_pred, n_truth = int(np.count_nonzero(pred_b)), int(np.count_nonzero(truth_b))
+    if n_pred == 0 or n_truth == 0:
+        return (1.0 if n_pred == 0 else 0.0), (1.0 if n_truth == 0 else 0.0)
+    footprint = disk(radius).astype(bool)
+    truth_near = ndimage.binary_dilation(truth_b, structure=footprint)
+    pred_near = ndimage.binary_dilation(pred_b, structure=footprint)
+    precision = int(np.count_nonzero(pred_b & truth_near)) / n_pred
+    recall = int(np.count_nonzero(truth_b & pred_near)) / n_truth
+    return precision, recall
 
 
 def boundary_f(
     pred: np.ndarray,
-    gt: np.ndarray,
+    truth: np.ndarray,
+    void: np.ndarray | None = None,
+    *,
     bound_th: float = DEFAULT_BOUND_TH,
-    empty_score: float = 1.0,
 ) -> float:
-    """Boundary F-measure of two ``(H, W)`` bool masks (see the module docstring)."""
-    pred, gt = _as_mask(pred, "pred"), _as_mask(gt, "gt")
-    _check_same_shape(pred, gt)
-    pred_b, gt_b = boundary_map(pred), boundary_map(gt)
-    n_pred, n_gt = int(np.count_nonzero(pred_b)), int(np.count_nonzero(gt_b))
-    if n_pred == 0 and n_gt == 0:
-        return float(empty_score)
-    if n_pred == 0 or n_gt == 0:
-        return 0.0
-    radius = bound_pixels(pred.shape, bound_th)
-    footprint = disk(radius).astype(bool)
-    gt_near = ndimage.binary_dilation(gt_b, structure=footprint)
-    pred_near = ndimage.binary_dilation(pred_b, structure=footprint)
-    precision = np.count_nonzero(pred_b & gt_near) / n_pred
-    recall = np.count_nonzero(gt_b & pred_near) / n_gt
+    """Boundary F-measure ``2PR / (P + R)`` (0 when P + R = 0) of ``(H, W)`` masks, with
+    :func:`boundary_precision_recall`."""
+    precision, recall = boundary_precision_recall(pred, truth, void, bound_th=bound_th)
     if precision + recall == 0:
         return 0.0
-    return float(2 * precision * recall / (precision + recall))
+    return 2 * precision * recall / (precision + recall)
+
+
+# ---------------------------------------------------------------- sequences
+
+
+def decay_bins(n: int) -> list[tuple[int, int]]:
+    """The four decay bins of ``n`` per-frame values as (first, last) frame, both included:
+    edges ``e_k = round(1 + k(n − 1)/4) − 1`` with halves rounded up, k = 0…4."""
+    if n < 1:
+        raise ValueError("decay needs at least one value")
+    edges = [(2 + k * (n - 1)) // 4 for k in range(5)]  # floor(1 + k(n-1)/4 + 1/2) - 1
+    return [(edges[i], edges[i + 1]) for i in range(4)]
+
+
+def frame_statistics(values: Sequence[float | None]) -> tuple[float, float, float]:
+    """Mean, recall (fraction > 0.5) and decay of one sequence's per-frame values (``None``: a
+    frame left out), as DAVIS's ``db_statistics``."""
+    array = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+    scored = array[~np.isnan(array)]
+    if scored.size == 0:
+        raise ValueError("no scored frames")
+    mean = float(np.nanmean(array))
+    recall = float(np.mean(scored > 0.5))
+    bins = [scored[first:last + 1] for first, last in decay_bins(scored.size)]
+    decay = float(np.mean(bins[0]) - np.mean(bins[3]))
+    return mean, recall, decay
 
 
 def resize_masks(masks: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -144,32 +280,45 @@ def resize_masks(masks: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def score_sequence(
     preds: np.ndarray,
-    gts: np.ndarray,
+    truth: np.ndarray,
+    void: np.ndarray | None = None,
     *,
+    rules: ProtocolRules,
     bound_th: float = DEFAULT_BOUND_TH,
-    empty_score: float = 1.0,
 ) -> dict:
-    """Score a ``(T, H, W)`` prediction against ``(T, H, W)`` ground truth.
+    """Score ``(T, H, W)`` predicted masks against ``(T, H, W)`` ground truth under ``rules``.
 
-    Returns plain floats ``JM, JR, FM, FR`` and the per-frame lists ``J`` and ``F``.  Predictions of
-    another frame size are resized to the ground truth's with nearest neighbour (one warning); a
-    different frame count is a :class:`UserError`.
+    ``void`` (T, H, W) marks the annotation's void pixels (label 255): left out of J and F when
+    ``rules.void``, else counted as foreground. Returns ``protocol``, the floats ``JM JR JD FM FR
+    FD`` and the per-frame lists ``J`` and ``F`` (``None`` on frames the protocol leaves out).
+    Predictions of another frame size are resized to the truth's (nearest neighbour, one
+    warning); a different frame count is a :class:`UserError`.
     """
-    preds, gts = np.asarray(preds), np.asarray(gts)
-    if preds.ndim != 3 or gts.ndim != 3:
+    preds, truth = np.asarray(preds), np.asarray(truth)
+    if preds.ndim != 3 or truth.ndim != 3:
         raise UserError(
-            f"masks must be (T, H, W): predictions {preds.shape}, ground truth {gts.shape}"
+            f"masks must be (T, H, W): predictions {preds.shape}, ground truth {truth.shape}"
         )
-    if preds.shape[0] != gts.shape[0]:
+    count = truth.shape[0]
+    if preds.shape[0] != count:
         raise UserError(
-            f"frame counts differ: {preds.shape[0]} predicted masks, "
-            f"{gts.shape[0]} ground-truth masks"
+            f"frame counts differ: {preds.shape[0]} predicted masks, {count} ground-truth masks"
         )
-    if preds.shape[0] == 0:
+    if count == 0:
         raise UserError("no frames to score")
-    preds, gts = preds.astype(bool, copy=False), gts.astype(bool, copy=False)
-    height, width = gts.shape[1:]
-    if preds.shape[1:] != gts.shape[1:]:
+    if rules.skip_ends and count < 3:
+        raise UserError(f"protocol {rules.name} leaves out the first and last frame: a sequence "
+                        f"needs at least 3 frames, got {count}")
+    bound_pixels(truth.shape, bound_th)  # a bad bound_th fails before any frame is scored
+    preds, truth = preds.astype(bool, copy=False), truth.astype(bool, copy=False)
+    if void is not None:
+        void = np.asarray(void).astype(bool, copy=False)
+        if void.shape != truth.shape:
+            raise UserError(f"void masks {void.shape} differ from ground truth {truth.shape}")
+        if not rules.void:
+            truth, void = truth | void, None
+    height, width = truth.shape[1:]
+    if preds.shape[1:] != truth.shape[1:]:
         log.warning(
             "predicted masks are %dx%d, ground truth %dx%d: resizing predictions "
             "(nearest neighbour)",
@@ -179,28 +328,53 @@ def score_sequence(
             height,
         )
         preds = resize_masks(preds, height, width)
-    j = [float(jaccard(p, g, empty_score)) for p, g in zip(preds, gts, strict=True)]
-    f = [float(boundary_f(p, g, bound_th, empty_score)) for p, g in zip(preds, gts, strict=True)]
-    j_arr, f_arr = np.asarray(j), np.asarray(f)
-    return {
-        "JM": float(j_arr.mean()),
-        "JR": float(np.mean(j_arr > 0.5)),
-        "FM": float(f_arr.mean()),
-        "FR": float(np.mean(f_arr > 0.5)),
-        "J": j,
-        "F": f,
-    }
+    frames = range(1, count - 1) if rules.skip_ends else range(count)
+    j: list[float | None] = [None] * count
+    f: list[float | None] = [None] * count
+    for t in frames:
+        frame_void = None if void is None else void[t]
+        j[t] = jaccard(preds[t], truth[t], frame_void, empty_union=rules.empty_union_j)
+        f[t] = boundary_f(preds[t], truth[t], frame_void, bound_th=bound_th)
+    scores: dict = {"protocol": rules.name}
+    for key, values in (("J", j), ("F", f)):
+        scores[key + "M"], scores[key + "R"], scores[key + "D"] = frame_statistics(values)
+    scores.update({"J": j, "F": f})
+    return scores
 
 
 def average_sequences(per_sequence: dict[str, dict]) -> dict:
-    """Average ``JM, JR, FM, FR`` over sequences (each sequence weighs the same)."""
+    """Mean of ``JM JR JD FM FR FD`` over sequences (each weighs the same), ``J&F`` =
+    (JM + FM)/2, the sequence count and the protocol they were scored under."""
     if not per_sequence:
         raise UserError("no sequences to average")
+    protocols = {scores.get("protocol") for scores in per_sequence.values()}
+    if len(protocols) > 1:
+        names = ", ".join(sorted(map(str, protocols)))
+        raise ValueError(f"sequences scored under different protocols: {names}")
     mean = {
-        key: float(np.mean([scores[key] for scores in per_sequence.values()])) for key in _METRICS
+        key: float(np.mean([scores[key] for scores in per_sequence.values()]))
+        for key in _STATISTICS
     }
+    mean["J&F"] = (mean["JM"] + mean["FM"]) / 2
     mean["sequences"] = len(per_sequence)
+    mean["protocol"] = protocols.pop()
     return mean
+
+
+# ---------------------------------------------------------------- folders
+
+
+class Annotations(NamedTuple):
+    """Masks read from a folder of PNGs, each ``(T, H, W)`` bool."""
+
+    foreground: np.ndarray
+    """Value > 0 on any colour channel (alpha ignored); for palette PNGs index > 0 except 255."""
+    void: np.ndarray
+    """Palette index 255 (DAVIS's void label); all False in PNGs without a palette."""
+
+    def labelled(self) -> np.ndarray:
+        """Every non-zero pixel, void included: how predictions are read."""
+        return self.foreground | self.void
 
 
 def _natural_key(path: Path) -> list:
@@ -214,24 +388,23 @@ def _pngs(folder: Path) -> list[Path]:
     )
 
 
-def _read_mask(path: Path) -> np.ndarray:
+def _read_mask(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(foreground, void) of one PNG, each (H, W) bool."""
     with Image.open(path) as image:
-        if image.mode == "P":  # palette: the index is the object id, 0 is background
-            return np.asarray(image) > 0
+        if image.mode == "P":  # palette: the index is the object id, 0 background, 255 void
+            labels = np.asarray(image)
+            void = labels == VOID_LABEL
+            return (labels > 0) & ~void, void
         if image.mode in ("RGBA", "LA", "PA"):  # the alpha channel is not a label
             image = image.convert("RGB" if image.mode == "RGBA" else "L")
         array = np.asarray(image)
-    if array.ndim == 3:
-        return np.any(array > 0, axis=2)
-    return array > 0
+    foreground = np.any(array > 0, axis=2) if array.ndim == 3 else array > 0
+    return foreground, np.zeros_like(foreground)
 
 
-def read_mask_folder(path: Path) -> np.ndarray:
-    """Read the PNGs of a folder, in natural name order, as a ``(T, H, W)`` bool array.
-
-    A pixel is foreground when it is > 0 on any colour channel (alpha ignored); for palette PNGs
-    when its palette index is > 0.
-    """
+def read_mask_folder(path: Path) -> Annotations:
+    """Read the PNGs of a folder, in natural name order, as foreground and void ``(T, H, W)``
+    masks (see :class:`Annotations`)."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"mask folder not found: {path}")
@@ -244,10 +417,10 @@ def read_mask_folder(path: Path) -> np.ndarray:
             masks.append(_read_mask(file))
         except OSError as exc:
             raise UserError(f"cannot read mask {file}: {exc}") from exc
-    shapes = {m.shape for m in masks}
+    shapes = {foreground.shape for foreground, _ in masks}
     if len(shapes) > 1:
         raise UserError(f"masks in {path} have different sizes: {sorted(shapes)}")
-    return np.stack(masks)
+    return Annotations(np.stack([m[0] for m in masks]), np.stack([m[1] for m in masks]))
 
 
 def _has_pngs(folder: Path) -> bool:
@@ -286,12 +459,13 @@ def evaluate_folders(
     pred_dir: Path,
     gt_dir: Path,
     *,
+    rules: ProtocolRules,
     bound_th: float = DEFAULT_BOUND_TH,
-    empty_score: float = 1.0,
 ) -> dict:
-    """Score every ground-truth sequence against its predictions.
+    """Score every ground-truth sequence against its predictions under ``rules``.
 
-    Returns ``{"sequences": {name: score_sequence(...)}, "mean": average_sequences(...)}``.
+    Returns ``{"protocol", "bound_th", "sequences": {name: score_sequence(...)},
+    "mean": average_sequences(...)}``.
     """
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     if not pred_dir.is_dir():
@@ -311,23 +485,33 @@ def evaluate_folders(
             f"no predicted masks in {pred_dir} for {len(missing)} sequence(s): "
             + ", ".join(missing)
         )
-    per_sequence = {
-        name: score_sequence(
-            read_mask_folder(pred_folders[name]),
-            read_mask_folder(gt_folder),
+    per_sequence = {}
+    for name, gt_folder in gt_sequences.items():
+        truth = read_mask_folder(gt_folder)
+        per_sequence[name] = score_sequence(
+            read_mask_folder(pred_folders[name]).labelled(),
+            truth.foreground,
+            truth.void,
+            rules=rules,
             bound_th=bound_th,
-            empty_score=empty_score,
         )
-        for name, gt_folder in gt_sequences.items()
+    return {
+        "protocol": rules.name,
+        "bound_th": bound_th,
+        "sequences": per_sequence,
+        "mean": average_sequences(per_sequence),
     }
-    return {"sequences": per_sequence, "mean": average_sequences(per_sequence)}
 
 
 def _table(result: dict) -> str:
-    rows = [(name, *(s[k] for k in _METRICS)) for name, s in result["sequences"].items()]
-    rows.append(("mean", *(result["mean"][k] for k in _METRICS)))
+    rows = [(name, *(s[k] for k in _STATISTICS)) for name, s in result["sequences"].items()]
+    rows.append(("mean", *(result["mean"][k] for k in _STATISTICS)))
     width = max(8, *(len(row[0]) for row in rows))
-    lines = [f"{'sequence':<{width}}" + "".join(f"{k:>8}" for k in _METRICS)]
+    lines = [
+        f"protocol {result['protocol']}, bound_th {result['bound_th']}, "
+        f"J&F {result['mean']['J&F']:.3f}",
+        f"{'sequence':<{width}}" + "".join(f"{k:>8}" for k in _STATISTICS),
+    ]
     for name, *values in rows:
         lines.append(f"{name:<{width}}" + "".join(f"{v:>8.3f}" for v in values))
     return "\n".join(lines)
@@ -337,27 +521,28 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: score predicted mask folders against DAVIS-style ground truth."""
     parser = argparse.ArgumentParser(
         prog="python -m vggt4d.evaluate",
-        description="DAVIS-2016 J/F scores of predicted dynamic masks.",
+        description="DAVIS J/F scores (mean, recall, decay) of predicted dynamic masks.",
     )
     parser.add_argument("pred", type=Path, help="predicted masks (folder of PNGs or of sequences)")
     parser.add_argument("gt", type=Path, help="ground truth (DAVIS root or folder of PNGs)")
     parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default=DEFAULT_PROTOCOL,
+        help="davis2016: first/last frame left out, no void; davis2017: all frames, void 255 "
+        "left out; vggt4d: all frames, an empty union scores J = 0",
+    )
+    parser.add_argument(
         "--bound-th",
         type=float,
         default=DEFAULT_BOUND_TH,
-        help="boundary tolerance as a fraction of the image diagonal",
-    )
-    parser.add_argument(
-        "--empty-score",
-        type=float,
-        default=1.0,
-        help="score of frames where both masks are empty (DAVIS 1, VGGT4D 0)",
+        help="boundary tolerance: a fraction of the image diagonal, or pixels when >= 1",
     )
     parser.add_argument("--out", type=Path, default=None, help="write the scores as JSON here")
     args = parser.parse_args(argv)
     try:
         result = evaluate_folders(
-            args.pred, args.gt, bound_th=args.bound_th, empty_score=args.empty_score
+            args.pred, args.gt, rules=protocol_rules(args.protocol), bound_th=args.bound_th
         )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -378,7 +563,7 @@ def unsupervised_figures(masks: np.ndarray) -> dict:
     """Figures that need no ground truth, from (T, H, W) bool masks: the dynamic area fraction
     per frame and the IoU of consecutive frames' masks (temporal stability)."""
     area = masks.reshape(len(masks), -1).mean(axis=1)
-    consecutive = [jaccard(masks[t], masks[t + 1], empty_score=1.0)
+    consecutive = [jaccard(masks[t], masks[t + 1], empty_union=1.0)
                    for t in range(len(masks) - 1)]
     return {"area_fraction": float(area.mean()), "area_fraction_per_frame": area.tolist(),
             "temporal_iou": float(np.mean(consecutive)) if consecutive else 1.0}

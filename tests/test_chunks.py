@@ -4,8 +4,6 @@ scan."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -22,20 +20,15 @@ PLANS = [(t, c, o) for t in range(1, 41) for c in range(2, 13) for o in range(1,
 OFFSETS = ([-2, 2], [-6, -4, -2, 2, 4, 6], [-2, -1, 1, 2], [1, 3], [-5], [])
 
 
-def centrality_by_hand(frame: int, start: int, stop: int, num_frames: int) -> float:
-    """Distance to the nearest chunk edge that is not a clip edge (clip edges: infinitely far)."""
-    sides = []
-    if start > 0:
-        sides.append(frame - start)
-    if stop < num_frames:
-        sides.append(stop - 1 - frame)
-    return min(sides) if sides else math.inf
+def centrality_by_hand(frame: int, start: int, stop: int) -> int:
+    """Distance to the nearest edge of the chunk."""
+    return min(frame - start, stop - 1 - frame)
 
 
-def most_central_by_hand(frame: int, holders: list[int], ranges, num_frames: int) -> int:
-    best, best_value = -1, -math.inf
+def most_central_by_hand(frame: int, holders: list[int], ranges) -> int:
+    best, best_value = -1, -1
     for i in holders:  # increasing order: strict > keeps the earliest on ties
-        value = centrality_by_hand(frame, *ranges[i], num_frames)
+        value = centrality_by_hand(frame, *ranges[i])
         if value > best_value:
             best, best_value = i, value
     return best
@@ -73,7 +66,7 @@ def test_plans_by_brute_force():
         for frame in range(num_frames):
             holders = [i for i, (start, stop) in enumerate(ranges) if start <= frame < stop]
             assert holders, label  # every frame covered
-            assert plan.owner[frame] == most_central_by_hand(frame, holders, ranges, num_frames)
+            assert plan.owner[frame] == most_central_by_hand(frame, holders, ranges)
         for i in range(len(ranges)):
             owned.extend(plan.owned_frames(i))
         assert owned == list(range(num_frames)), label  # contiguous runs, in chunk order
@@ -95,8 +88,8 @@ def test_windows_by_brute_force():
                 needed = [frame] + [frame + o for o in offsets if 0 <= frame + o < num_frames]
                 holders = [i for i, (start, stop) in enumerate(plan.ranges)
                            if all(start <= f < stop for f in needed)]
-                assert assigned[frame] == most_central_by_hand(frame, holders, plan.ranges,
-                                                                num_frames), (num_frames, chunk)
+                assert assigned[frame] == most_central_by_hand(frame, holders, plan.ranges), (
+                    num_frames, chunk)
                 if plan.owner[frame] in holders:
                     assert assigned[frame] == plan.owner[frame]
             checked += 1

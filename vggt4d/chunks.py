@@ -7,9 +7,8 @@ that last chunk is extended back to the full length, ``[T − chunk, T)``, so ev
 same size (same memory, same statistics regime) and the last overlap is at least ``overlap``
 frames instead of a last chunk of a handful of frames aligned on little evidence.
 
-Centrality of frame ``f`` in chunk ``[s, e)``: its distance to the nearest chunk edge that is not
-a clip edge, ``min(f − s, e − 1 − f)`` with a side at the clip's start or end counting as
-infinitely far (no context is missing there). The chunk that *owns* a frame's per-frame outputs
+Centrality of frame ``f`` in chunk ``[s, e)``: its distance to the nearest chunk edge,
+``min(f − s, e − 1 − f)``. The chunk that *owns* a frame's per-frame outputs
 (depth, pose, masks, pictures) is the most central one (the earliest on ties), so the seam
 between consecutive chunks lies in the middle of their overlap and each chunk owns one contiguous
 run of frames.
@@ -88,25 +87,22 @@ def plan_chunks(num_frames: int, chunk: int, overlap: int) -> ChunkPlan:
         starts = [*range(0, num_frames - chunk, step), num_frames - chunk]
         ranges = [(start, start + chunk) for start in starts]
     frames = np.arange(num_frames)
-    owner = _most_central(frames, frames, frames, ranges, num_frames)
+    owner = _most_central(frames, frames, frames, ranges)
     return ChunkPlan(num_frames=num_frames, chunk=chunk, overlap=overlap, ranges=tuple(ranges),
                      owner=owner)
 
 
 def _most_central(frames: np.ndarray, first: np.ndarray, last: np.ndarray,
-                  ranges: Sequence[tuple[int, int]], num_frames: int) -> np.ndarray:
+                  ranges: Sequence[tuple[int, int]]) -> np.ndarray:
     """(F,) int64: for each frame, the most central chunk (the earliest on ties) among those
     containing ``[first, last]`` (all (F,)); −1 where none does.
 
-    Centrality of a frame in ``[s, e)``: ``min(f − s, e − 1 − f)``, a side at a clip edge
-    counting as infinitely far.
+    Centrality of a frame in ``[s, e)``: ``min(f − s, e − 1 − f)``.
     """
-    starts, stops = (np.array(side, dtype=np.float64) for side in zip(*ranges, strict=True))
-    f = frames[:, None].astype(np.float64)
-    left = np.where(starts > 0, f - starts, np.inf)
-    right = np.where(stops < num_frames, stops - 1 - f, np.inf)
+    starts, stops = (np.array(side, dtype=np.int64) for side in zip(*ranges, strict=True))
+    f = frames[:, None]
     holds = (starts <= first[:, None]) & (last[:, None] < stops)
-    centrality = np.where(holds, np.minimum(left, right), -1.0)
+    centrality = np.where(holds, np.minimum(f - starts, stops - 1 - f), -1)
     best = np.argmax(centrality, axis=1)  # the first maximum: the earliest chunk on ties
     return np.where(holds.any(axis=1), best, -1).astype(np.int64)
 
@@ -134,7 +130,7 @@ def window_chunks(plan: ChunkPlan, offsets: Sequence[int]) -> np.ndarray:
     inside = (members >= 0) & (members < plan.num_frames)
     first = np.where(inside, members, plan.num_frames).min(axis=1)
     last = np.where(inside, members, -1).max(axis=1)
-    return _most_central(frames, first, last, plan.ranges, plan.num_frames)
+    return _most_central(frames, first, last, plan.ranges)
 
 
 def auto_chunk_length(limit_bytes: int, estimate_fn: Callable[[int], int], num_frames: int,

@@ -4,6 +4,7 @@ projecting points by hand, chains against step-by-step application."""
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import numpy as np
@@ -105,6 +106,8 @@ def test_gross_outliers_pull_the_closed_form_but_not_irls():
     assert error(robust) < 0.03 and report.iterations <= 5
     assert abs(report.inlier_fraction - weights[~outliers].sum() / weights.sum()) < 0.01
     assert report.rms > 1.0  # the report keeps the outliers: a bad overlap shows
+    logged = json.loads(json.dumps({**report.as_dict(), **robust.as_dict()}))
+    assert logged["points"] == 4000 and logged["scale"] == pytest.approx(robust.scale)
 
 
 def test_dynamic_pixels_are_excluded(scene):

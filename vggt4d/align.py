@@ -149,9 +149,12 @@ def overlap_correspondences(
     ``depth_*``, ``conf_*`` and ``exclude`` (True: not used, e.g. dynamic pixels) are
     (O, H, W) over the O shared frames, ``extrinsics_*`` (O, 3, 4), ``intrinsics_*`` (O, 3, 3);
     selection and weights as in the module docstring. ``max_points``: keep every k-th selected
-    pixel (k = ⌈N / max_points⌉) to bound the cost.
+    pixel (k = ⌈N / max_points⌉) to bound the cost. Float inputs keep their precision until
+    the kept pixels are taken (float64 from there; the points are back-projected in float32).
     """
-    depth_a, conf_a, depth_b, conf_b = (np.asarray(x, dtype=np.float64)
+    if max_points is not None and max_points < MIN_POINTS:
+        raise UserError(f"max_points must be at least {MIN_POINTS}, got {max_points}")
+    depth_a, conf_a, depth_b, conf_b = (np.asarray(x, dtype=np.result_type(x, np.float32))
                                         for x in (depth_a, conf_a, depth_b, conf_b))
     if depth_a.ndim != 3 or any(x.shape != depth_a.shape for x in (conf_a, depth_b, conf_b)):
         raise UserError(f"overlap depth and confidence must all be (O, H, W) of one shape, got "
@@ -173,21 +176,29 @@ def overlap_correspondences(
     c_a, c_b = conf_a - 1.0, conf_b - 1.0
     threshold = conf_ratio * min(float(np.median(c_a[valid])), float(np.median(c_b[valid])))
     keep = valid & (c_a > threshold) & (c_b > threshold)
-    if max_points is not None:
+    if max_points is not None and keep.sum() > max_points:
         flat = np.flatnonzero(keep)
         keep = np.zeros_like(keep)
         keep.flat[flat[::math.ceil(len(flat) / max_points)]] = True
     if keep.sum() < MIN_POINTS:
         raise UserError(f"only {int(keep.sum())} confident shared pixels to align chunks on "
                         f"(need {MIN_POINTS}); increase the chunk overlap")
-    points_a, points_b = (np.concatenate([
-        backproject(depth[o:o + 1], k_mats[o:o + 1], w2c[o:o + 1])[0][keep[o]]
-        for o in range(frames)]).astype(np.float64)
-        for depth, (k_mats, w2c) in ((depth_a, cameras_a), (depth_b, cameras_b)))
-    return Correspondences(points_a=points_a, points_b=points_b,
-                           weights=np.sqrt(c_a[keep] * c_b[keep]), depth_a=depth_a[keep],
-                           depth_b=depth_b[keep], threshold=threshold,
+    points_a = _kept_points(depth_a, *cameras_a, keep)
+    points_b = _kept_points(depth_b, *cameras_b, keep)
+    weights = np.sqrt(c_a[keep].astype(np.float64) * c_b[keep])
+    return Correspondences(points_a=points_a, points_b=points_b, weights=weights,
+                           depth_a=depth_a[keep].astype(np.float64),
+                           depth_b=depth_b[keep].astype(np.float64), threshold=threshold,
                            candidates=int(valid.sum()))
+
+
+def _kept_points(depth: np.ndarray, intrinsics: np.ndarray, extrinsics: np.ndarray,
+                 keep: np.ndarray) -> np.ndarray:
+    """(N, 3) float64 world points of the ``keep`` pixels, back-projected one frame at a time
+    (bounded float64 intermediates)."""
+    return np.concatenate([
+        backproject(depth[o:o + 1], intrinsics[o:o + 1], extrinsics[o:o + 1])[0][keep[o]]
+        for o in range(len(depth))]).astype(np.float64)
 
 
 @dataclass(frozen=True)

@@ -65,8 +65,8 @@ def _read_bytes(path: Path, what: str) -> bytes:
 
 def _check_tag(tag: float, path: Path) -> None:
     if tag != np.float32(TAG_FLOAT):
-        raise UserError(f"{path}: wrong tag {tag!r} (expected {TAG_FLOAT}): not a Sintel file, "
-                        "or written big-endian")
+        raise UserError(f"{path}: wrong tag {float(tag)!r} (expected {TAG_FLOAT}): not a "
+                        "Sintel file, or written big-endian")
 
 
 def read_dpt(path: Path) -> np.ndarray:

@@ -67,15 +67,17 @@ BONN_PREFIX = "rgbd_bonn_"
 BONN_FOLDER = "rgbd_bonn_dataset"
 
 
-def read_text_table(path: Path, columns: int, what: str) -> tuple[np.ndarray, list[list[str]]]:
-    """Timestamps (N,) float64 and the other fields of a TUM text file, ``columns`` fields per
-    entry (timestamp included); comment and blank lines skipped, a bad line is one error."""
+def read_text_table(path: Path, columns: int, what: str
+                    ) -> tuple[np.ndarray, list[list[str]], list[int]]:
+    """Timestamps (N,) float64, the other fields and the line numbers of the entries of a TUM
+    text file, ``columns`` fields per entry (timestamp included); comment and blank lines are
+    skipped, a bad line is one error."""
     require_file(path, what)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"cannot read {path}: {err}") from None
-    stamps, rows = [], []
+    stamps, rows, numbers = [], [], []
     for number, line in enumerate(text.splitlines(), 1):
         fields = line.replace(",", " ").replace("\t", " ").split()
         if not fields or line.lstrip().startswith("#"):
@@ -89,27 +91,27 @@ def read_text_table(path: Path, columns: int, what: str) -> tuple[np.ndarray, li
             raise UserError(f"{path}, line {number}: timestamp {fields[0]!r} is not a "
                             "number") from None
         rows.append(fields[1:])
+        numbers.append(number)
     if not stamps:
         raise UserError(f"{path} lists no entries")
     stamps_array = np.array(stamps)
     if not np.isfinite(stamps_array).all():
         raise UserError(f"{path}: non-finite timestamp")
-    return stamps_array, rows
+    return stamps_array, rows, numbers
 
 
 def read_trajectory(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """``groundtruth.txt``: timestamps (N,) and camera-to-world poses (N, 3, 4) float64."""
-    stamps, rows = read_text_table(path, 8, "ground-truth trajectory")
+    stamps, rows, numbers = read_text_table(path, 8, "ground-truth trajectory")
     poses = np.empty((len(rows), 3, 4))
-    for index, row in enumerate(rows):
+    for index, (row, number) in enumerate(zip(rows, numbers, strict=True)):
         try:
             values = np.array([float(value) for value in row])
             if not np.isfinite(values).all():
                 raise ValueError("non-finite value")
             rotation = Rotation.from_quat(values[3:]).as_matrix()  # (qx, qy, qz, qw)
         except ValueError as err:
-            raise UserError(f"{path}: bad pose at timestamp {stamps[index]!r} "
-                            f"({' '.join(row)}): {err}") from None
+            raise UserError(f"{path}, line {number}: bad pose {' '.join(row)!r}: {err}") from None
         poses[index] = np.concatenate([rotation, values[:3, None]], axis=1)
     return stamps, poses
 
@@ -197,11 +199,11 @@ def read_sequence(root: Path | str, name: str, *, dataset: str = "tum", start: i
                         f"{', '.join(STREAMS)}")
     folder = resolve_folder(root, name, BONN_PREFIX if dataset == "bonn" else TUM_PREFIX,
                             dataset)
-    rgb_stamps, rgb_rows = read_text_table(folder / "rgb.txt", 2, "RGB list")
+    rgb_stamps, rgb_rows, _ = read_text_table(folder / "rgb.txt", 2, "RGB list")
     kept = np.arange(len(rgb_stamps))
     tables: dict[str, tuple[np.ndarray, Any]] = {}  # stream → (timestamps, rows or poses)
     if "depth" in streams:
-        tables["depth"] = read_text_table(folder / "depth.txt", 2, "depth list")
+        tables["depth"] = read_text_table(folder / "depth.txt", 2, "depth list")[:2]
     if "pose" in streams:
         tables["pose"] = read_trajectory(folder / "groundtruth.txt")
     partner: dict[str, np.ndarray] = {}  # stream → index of each RGB frame's match, or -1

@@ -184,6 +184,7 @@ def test_association_on_a_coarse_grid_with_many_ties():
 
 
 def test_association_edge_cases():
-    assert associate(np.array([1.0]), np.array([1.0 + 0.02]), 0.02).shape == (0, 2)  # strict <
+    assert associate(np.array([1.0]), np.array([1.25]), 0.25).shape == (0, 2)  # strict <
+    assert associate(np.array([1.0]), np.array([1.25]), 0.2500001).tolist() == [[0, 0]]
     assert associate(np.array([]), np.array([1.0]), 0.02).shape == (0, 2)
     assert associate(np.array([1.0, 2.0]), np.array([1.5]), 0.02).shape == (0, 2)

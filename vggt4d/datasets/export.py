@@ -12,7 +12,7 @@ it at these folders first::
 reader options the export needs (TUM and Bonn keep no intrinsics in their files, so the scene's
 are given as ``intrinsics``). Layouts and byte formats:
 
-* ``davis2016/DAVIS``: ``JPEGImages/480p/<seq>/00000.jpg`` (JPEG quality 95),
+* ``davis2016/DAVIS``: ``JPEGImages/480p/<seq>/00000.jpg`` (JPEG quality 95, no chroma subsampling),
   ``Annotations/480p/<seq>/00000.png`` binary greyscale 0 / 255 (the moving objects),
   ``ImageSets/480p/val.txt`` with one "image annotation" path pair per frame.
 * ``davis2017/DAVIS``: the same frames; ``Annotations/480p`` and ``Annotations_unsupervised/480p``
@@ -113,7 +113,7 @@ def export_davis(scenes: dict[str, SyntheticScene], root: Path, year: int) -> No
         for t, frame in enumerate(scene.frames):
             stem = f"{t:05d}"
             _write_image(root / "JPEGImages" / "480p" / name / f"{stem}.jpg",
-                         Image.fromarray(frame), "JPEG", quality=JPEG_QUALITY)
+                         Image.fromarray(frame), "JPEG", quality=JPEG_QUALITY, subsampling=0)
             if year == 2016:
                 mask = Image.fromarray(np.where(ids[t] > 0, 255, 0).astype(np.uint8))
                 _write_image(root / "Annotations" / "480p" / name / f"{stem}.png", mask, "PNG")

@@ -19,7 +19,9 @@ Annotations, decided by the PNG's own format:
 
 Converted: every object of a frame is united into one dynamic mask (value > 0 and not void), as
 the motion-segmentation papers score DAVIS; void pixels become ``void_masks``. DAVIS has no depth
-or cameras. Frames are JPEG as released; nothing is resized.
+or cameras. Frames are JPEG as released; nothing is resized. The 2016 sequences inside the 2017
+release carry the 2017 (per-object) re-annotation; for DAVIS-2016's own masks point the root at
+the 2016 release.
 """
 
 from __future__ import annotations

@@ -17,9 +17,10 @@ camera-to-world ``X_world = R(q) X_cam + t`` with OpenCV camera axes.
 Association (TUM's ``associate.py`` with offset 0, max_difference 0.02 s): every pair of an RGB
 timestamp ``a`` and a stream timestamp ``b`` with ``|a − b| < 0.02`` is a candidate; candidates
 are taken greedily by increasing ``|a − b|`` (ties by ``a``, then ``b``), each timestamp at most
-once. An RGB frame is kept when it has a match in every stream named in ``associate``; frame
-selection applies to the kept frames (MonST3R's TUM protocol: associate RGB with the ground
-truth, then every 3rd frame, first 90).
+once. Each stream named in ``associate_with`` is associated with the RGB list on its own; an
+RGB frame is kept when every one of them matched it, and frame selection applies to the kept
+frames (MonST3R's TUM protocol: associate RGB with the ground truth, then every 3rd frame,
+first 90).
 
 Converted: quaternion ``(qx, qy, qz, qw)`` and position → rotation matrix (scipy, which
 normalises the quaternion), camera-to-world → world-to-camera ``[Rᵀ | −Rᵀ t]``; depth / 5000

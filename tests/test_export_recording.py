@@ -102,7 +102,7 @@ def test_cameras_images_and_masks_read_back(tmp_path, scene):
 def test_points_are_the_frames_pixels_subsampled_and_split_by_the_mask(tmp_path, scene):
     """At most max_points_per_frame points per frame; each lies on the ray of a pixel with
     depth, at that depth, static ones in that pixel's colour, dynamic ones on dynamic pixels
-    pulled 60 % towards (255, 32, 32)."""
+    pulled 60 % towards magenta (255, 0, 255)."""
     path = tmp_path / "scene.rrd"
     limit = 500
     summary = write_recording(path, scene.frames, scene.depth, scene.extrinsics,
@@ -122,7 +122,7 @@ def test_points_are_the_frames_pixels_subsampled_and_split_by_the_mask(tmp_path,
             colours = rgb(values[(f"/world/points/{kind}", "Points3D:colors")][t]).astype(float)
             want = scene.frames[t, v, u].astype(float)
             if moving:
-                want = 0.4 * want + 0.6 * np.array([255, 32, 32])
+                want = 0.4 * want + 0.6 * np.array([255, 0, 255])
             np.testing.assert_allclose(colours, want, atol=0.5 + 1e-9)
             seen += list(v * scene.depth.shape[2] + u)
         assert len(seen) == len(set(seen)) == min(limit, usable.sum())

@@ -25,8 +25,8 @@ wall-clock ``log_time`` timeline is turned off). Points: the pixels with positiv
 (and ``valid``, when given) back-projected with :func:`vggt4d.cameras.backproject`; at most
 ``max_points_per_frame`` of them per frame (0 = all), drawn uniformly without replacement by one
 generator seeded with ``seed`` for the whole clip, so the file size grows with T, not with H·W.
-A default blueprint lays out the 3-D view beside the frame with its mask, the depth and the soft
-map.
+A default blueprint lays out 3-D views (seen from behind and above the first camera) beside the
+frame with its mask, the depth and the soft map.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from vggt4d.io import atomic_write
 
 APPLICATION_ID = "vggt4d"
 TIMELINE = "frame"
-HIGHLIGHT = np.array([255, 32, 32], np.float64)
+HIGHLIGHT = np.array([255, 0, 255], np.float64)
 """Colour dynamic points are pulled towards (and the "dynamic" class colour)."""
 HIGHLIGHT_WEIGHT = 0.6
 """Dynamic point colour = (1 − w) · RGB + w · HIGHLIGHT."""
@@ -92,15 +92,34 @@ def sample_pixels(valid: np.ndarray, max_points: int, rng: np.random.Generator) 
     return index
 
 
-def _blueprint():
+def _blueprint(extrinsics: np.ndarray, depth: np.ndarray, tokens: bool):
+    """The default layout: 3-D views (the frame's points and camera; the tokens by colour and by
+    dynamic fraction when there are tokens) seen from behind and above the first camera,
+    beside the frame with its mask, the depth and the soft map."""
     import rerun.blueprint as rrb
+
+    c2w = camera_to_world(extrinsics[:1])[0]
+    first = depth[0][np.isfinite(depth[0]) & (depth[0] > 0)]
+    reach = float(np.median(first)) if first.size else 1.0
+    centre, down, forward = c2w[:, 3], c2w[:, 1], c2w[:, 2]
+    eye = rrb.EyeControls3D(position=centre - reach * (0.5 * forward + 0.4 * down),
+                            look_target=centre + reach * forward, eye_up=-down)
+
+    def scene_view(name: str, *contents: str):
+        return rrb.Spatial3DView(origin="world", name=name, eye_controls=eye,
+                                 contents=["+ world/camera", *contents])
 
     def image_view(name: str, *entities: str):
         return rrb.Spatial2DView(origin="world/camera", name=name,
                                  contents=[f"world/camera/{entity}" for entity in entities])
 
+    views = [scene_view("frame points", "+ world/points/**", "+ world/camera/rgb",
+                        "+ world/camera/dynamic_mask")]
+    if tokens:
+        views += [scene_view("scene tokens", "+ world/tokens/color"),
+                  scene_view("tokens by dynamic fraction", "+ world/tokens/dynamic")]
     return rrb.Blueprint(rrb.Horizontal(
-        rrb.Spatial3DView(origin="world", name="scene"),
+        rrb.Tabs(*views),
         rrb.Vertical(image_view("frame and dynamic mask", "rgb", "dynamic_mask"),
                      image_view("depth", "depth"), image_view("soft map", "soft")),
         column_shares=[2, 1]), collapse_panels=True)
@@ -175,7 +194,7 @@ def write_recording(path: Path, frames: np.ndarray, depth: np.ndarray, extrinsic
     def write(tmp: Path) -> None:
         rec = rr.RecordingStream(APPLICATION_ID)
         rec.set_log_time_enabled(False)
-        rec.save(tmp, default_blueprint=_blueprint())
+        rec.save(tmp, default_blueprint=_blueprint(w2c, depth, tokens is not None))
         summary.tokens = _log_static(rec, tokens)
         for t in range(len(frames)):
             usable = np.isfinite(depth[t]) & (depth[t] > 0)

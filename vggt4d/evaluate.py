@@ -217,6 +217,12 @@ def boundary_precision_recall(
     n_pred, n_truth = int(np.count_nonzero(pred_b)), int(np.count_nonzero(truth_b))
     if n_pred == 0 or n_truth == 0:
         return (1.0 if n_pred == 0 else 0.0), (1.0 if n_truth == 0 else 0.0)
+    # dilated maps are read only at boundary pixels, and every boundary pixel lies inside the
+    # boundaries' bounding box: dilating that box alone gives the same counts, faster
+    both = pred_b | truth_b
+    rows, cols = np.flatnonzero(both.any(axis=1)), np.flatnonzero(both.any(axis=0))
+    box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    pred_b, truth_b = pred_b[box], truth_b[box]
     footprint = disk(radius).astype(bool)
     truth_near = ndimage.binary_dilation(truth_b, structure=footprint)
     pred_near = ndimage.binary_dilation(pred_b, structure=footprint)

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test test-slurm bench lint clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Installs slurm-wlm + munge (root, apt-get), starts a one-node cluster on the loopback address,
+# runs tests/test_slurm.py on it and stops the daemons by their PIDs.
+test-slurm: setup
+	scripts/slurm/test.sh $(PY)
 
 bench: setup
 	$(PY) -m bench.run

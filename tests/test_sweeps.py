@@ -1,4 +1,5 @@
-"""Multirun sweeps: DA3 runs once per clip and model, launchers, sweep summaries."""
+"""Multirun sweeps: DA3 runs once per clip and model, launchers, sweep summaries, sweeps
+refused before launch and failed jobs named at the end."""
 
 from __future__ import annotations
 
@@ -10,19 +11,23 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
+from hydra.core.utils import JobReturn, JobStatus
 from PIL import Image
 
 from experiments.sweep_summary import main as summary_main
 from experiments.sweep_summary import summarize
+from vggt4d.errors import UserError
+from vggt4d.sweeps import JobFailure, failed_jobs, failure_summary, refusals, shared_overrides
 
 SWEEP = ["model.weights=random", "data.num_frames=3", "process_res=112", "logger=none",
          "pipeline=[masks,eval]"]
 
 
-def _sweep(cwd: Path, *overrides: str) -> subprocess.Popen:
+def _sweep(cwd: Path, *overrides: str, base: list[str] = SWEEP) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-m", "vggt4d.run", "-m", *SWEEP, *overrides],
+    return subprocess.Popen([sys.executable, "-m", "vggt4d.run", "-m", *base, *overrides],
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
@@ -94,3 +99,88 @@ def test_sweeps_started_together_do_not_share_a_folder(tmp_path):
                        for item in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
                        if item.startswith("bands.deep"))
     assert overrides == ["bands.deep=[4,5]", "bands.deep=[5,5]"]
+
+
+def _run_sweep(cwd: Path, *overrides: str, base: list[str] = SWEEP) -> tuple[int, str]:
+    process = _sweep(cwd, *overrides, base=base)
+    out, err = process.communicate(timeout=600)
+    return process.returncode, out + err
+
+
+@pytest.mark.parametrize("launcher", ["basic", "local"])
+def test_one_invalid_value_refuses_the_sweep_before_any_job_runs(tmp_path, launcher):
+    sweep_dir = tmp_path / "sweep"
+    code, output = _run_sweep(tmp_path, f"hydra/launcher={launcher}",
+                              "bands.middle=[1,3],[1,30]", "bands.deep=[5,5],[4,5]",
+                              f"hydra.sweep.dir={sweep_dir}", f"cache_dir={tmp_path / 'cache'}")
+    assert code == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    # jobs 2 and 3 hold the bad band; one line names the first and the other
+    assert errors == ["error: job 2 (bands.middle=[1,30] bands.deep=[5,5]) (also jobs 3): "
+                      "bands.middle=[1, 30] is not a band of this model: give [first, last] with "
+                      "0 <= first <= last <= 11 (0-indexed blocks, inclusive)"]
+    assert "Launching" not in output
+    assert not sweep_dir.exists()
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_failing_job_under_joblib_is_named_and_the_others_kept(tmp_path):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(2):
+        Image.fromarray((rng.random((42, 56, 3)) * 255).astype(np.uint8)).save(
+            frames / f"f{index}.png")
+    missing = tmp_path / "missing"
+    sweep_dir = tmp_path / "sweep"
+    code, output = _run_sweep(tmp_path, "hydra/launcher=local", "cluster.local_jobs=2",
+                              "data=images", f"data.path={missing},{frames}", "process_res=56",
+                              f"hydra.sweep.dir={sweep_dir}", f"cache_dir={tmp_path / 'cache'}",
+                              base=[o for o in SWEEP if not o.startswith("data.")])
+    assert code == 1, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error: job")]
+    assert errors == [f"error: job 0 (data.path={missing}) failed: data.path={missing}: "
+                      f"no such directory"]
+    assert f"error: 1 of 2 sweep job(s) failed; the 1 finished job(s) are in {sweep_dir}" \
+        in output
+    assert [job.name for job in _jobs(sweep_dir)] == ["1"]
+    assert not (sweep_dir / "0").exists()
+
+
+def test_failure_summary_names_recorded_failures_and_crashed_jobs(tmp_path):
+    batch = [["model=da3-small", "bands.deep=[5,5]"], ["model=da3-small", "bands.deep=[4,5]"],
+             ["model=da3-small", "bands.deep=[3,5]"]]
+    results = [
+        JobReturn(status=JobStatus.COMPLETED, _return_value=None),
+        JobReturn(status=JobStatus.COMPLETED,
+                  _return_value=JobFailure(tuple(batch[1]), "data.path=x: no such directory",
+                                           kept=False)),
+        JobReturn(status=JobStatus.FAILED,
+                  _return_value=RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")),
+    ]
+    failed = failed_jobs(results, batch, first_num=10)
+    assert [(job.num, job.error) for job in failed] == [
+        (11, "data.path=x: no such directory"), (12, "RuntimeError: CUDA out of memory.")]
+    lines = failure_summary(failed, 13, tmp_path, shared_overrides(batch))
+    assert lines == [
+        "error: job 11 (bands.deep=[4,5]) failed: data.path=x: no such directory",
+        "error: job 12 (bands.deep=[3,5]) failed: RuntimeError: CUDA out of memory.",
+        f"error: 2 of 13 sweep job(s) failed; the 11 finished job(s) are in {tmp_path}",
+    ]
+    assert failure_summary(failed[:1], 1, tmp_path) == [
+        "error: job 11 (model=da3-small bands.deep=[4,5]) failed: data.path=x: no such directory",
+        "error: 1 of 1 sweep job(s) failed",
+    ]
+
+
+def test_refusals_group_jobs_with_the_same_error():
+    def check(overrides):
+        if "a=bad" in overrides:
+            raise UserError("a=bad is not allowed")
+        if "b=2" in overrides:
+            raise UserError("b=2 is too large")
+
+    jobs = [["a=ok", "b=1"], ["a=bad", "b=1"], ["a=ok", "b=2"], ["a=bad", "b=2"]]
+    assert refusals(jobs, check) == ["error: job 1 (a=bad b=1) (also jobs 3): a=bad is not allowed",
+                                     "error: job 2 (a=ok b=2): b=2 is too large"]
+    assert refusals(jobs[:1], check) == []

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
+from vggt4d.config.gram import GramConfig
 from vggt4d.gram import (
-    GramSpec,
+    config_windows,
     dense_statistics,
     group_heads,
     layer_statistics,
     similarity_factor,
-    source_windows,
 )
 
 HEADS, HEAD_DIM, PATCHES = 24, 64, 1296
@@ -38,9 +38,9 @@ def run_case(engine: str, frames: int) -> dict[str, float]:
     generator = torch.Generator().manual_seed(frames)
     vectors = {name: torch.randn(frames, HEADS, PATCHES, HEAD_DIM, generator=generator)
                for name in ("q", "k")}
-    spec = GramSpec(engine="chunked" if engine == "chunked" else "moments")
-    windows = source_windows(frames, spec, is_global=True)
-    factor = similarity_factor(HEADS, HEAD_DIM, spec)
+    spec = GramConfig(engine="chunked" if engine == "chunked" else "moments")
+    windows = config_windows(spec, frames, True)
+    factor = similarity_factor(HEADS, HEAD_DIM, scale=spec.scale, heads=spec.heads)
     Path("/proc/self/clear_refs").write_text("5")
     before = _status("VmRSS")
     start = time.perf_counter()
@@ -49,7 +49,9 @@ def run_case(engine: str, frames: int) -> dict[str, float]:
         results = [dense_statistics(grouped[x], grouped[y], windows, factor=factor,
                                     variance="pairs") for x, y in PAIRS]
     else:
-        stats = layer_statistics(vectors["q"], vectors["k"], windows, factor=factor, spec=spec)
+        stats = layer_statistics(vectors["q"], vectors["k"], windows, factor=factor,
+                                 pairs=spec.pairs, heads=spec.heads, variance=spec.variance,
+                                 engine=spec.engine)
         results = [stats[x + y] for x, y in PAIRS]
     seconds = time.perf_counter() - start
     checksum = [float(r[1].double().mean()) for r in results]

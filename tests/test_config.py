@@ -9,7 +9,8 @@ from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from vggt4d.config import GIANT_BANDS, scale_band, validate
+from vggt4d.config import validate
+from vggt4d.config.model import GIANT_BANDS, scale_band
 from vggt4d.errors import UserError
 from vggt4d.model import build_network, check_depth_table
 

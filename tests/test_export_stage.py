@@ -16,8 +16,8 @@ from PIL import Image
 
 from tests.export_scene import export_scene
 from vggt4d.config import validate
+from vggt4d.config.export import ExportConfig
 from vggt4d.errors import UserError
-from vggt4d.export.config import ExportConfig
 from vggt4d.export.stage import ExportStage
 from vggt4d.masks import DynamicMasks
 from vggt4d.pipeline import Context, execute

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vggt4d.config import ImagesData, VideoData
+from vggt4d.config.data import ImagesData, VideoData
 from vggt4d.errors import UserError
 from vggt4d.frames import load_images, load_video, normalize, processing_size, resize_frames
 

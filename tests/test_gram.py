@@ -7,16 +7,16 @@ import itertools
 import pytest
 import torch
 
+from vggt4d.config.gram import GramConfig
 from vggt4d.errors import UserError
 from vggt4d.gram import (
     GramCollector,
-    GramSpec,
     chunked_statistics,
+    config_windows,
     dense_statistics,
     group_heads,
     moments_statistics,
     similarity_factor,
-    source_windows,
     special_token_count,
     stat_key,
 )
@@ -40,12 +40,12 @@ CASES = list(itertools.product(("all", "offsets", "attended"), ("pairs", "spatia
 
 @pytest.mark.parametrize(("window", "variance", "heads", "include_self"), CASES)
 def test_engines_match_the_dense_reference_and_each_other(window, variance, heads, include_self):
-    spec = GramSpec(window=window, offsets=(-2, 1, 3), include_self=include_self,
+    spec = GramConfig(window=window, offsets=(-2, 1, 3), include_self=include_self,
                     variance=variance, heads=heads, scale=True)
     q, k = _vectors()
-    windows = source_windows(5, spec, is_global=True)
+    windows = config_windows(spec, 5, True)
     x, y = group_heads(q, heads), group_heads(k, heads)
-    factor = similarity_factor(3, 8, spec)
+    factor = similarity_factor(3, 8, scale=spec.scale, heads=spec.heads)
     ref_mean, ref_var = dense_statistics(x, y, windows, factor=factor, variance=variance)
     mom_mean, mom_var = moments_statistics(x, y, windows, factor=factor, variance=variance)
     chk_mean, chk_var = chunked_statistics(x, y, windows, factor=factor, variance=variance,
@@ -61,8 +61,8 @@ def test_engines_match_the_dense_reference_and_each_other(window, variance, head
 def test_moments_stay_accurate_when_the_mean_dwarfs_the_spread():
     """Naive E[y²] − E[y]² in fp32 would lose every digit here; the shifted moments do not."""
     q, k = _vectors(offset=300.0)
-    spec = GramSpec()
-    windows = source_windows(5, spec, is_global=True)
+    spec = GramConfig()
+    windows = config_windows(spec, 5, True)
     x, y = group_heads(q, "mean"), group_heads(k, "mean")
     _, ref_var = dense_statistics(x, y, windows, factor=1 / 3, variance="pairs")
     _, got = moments_statistics(x, y, windows, factor=1 / 3, variance="pairs")
@@ -86,22 +86,22 @@ def test_heads_mean_equals_the_average_of_per_head_similarities():
 
 
 def test_windows():
-    vggt4d = GramSpec(window="offsets", include_self=False)
-    windows = source_windows(10, vggt4d, is_global=True)
+    vggt4d = GramConfig(window="offsets", include_self=False)
+    windows = config_windows(vggt4d, 10, True)
     assert windows[0] == (2, 4, 6)
     assert windows[5] == (1, 3, 7, 9)
     assert windows[9] == (3, 5, 7)
-    user = GramSpec(window="offsets", offsets=(-2, -1, 1, 2), include_self=True)
-    assert source_windows(6, user, is_global=False)[0] == (0, 1, 2)
-    attended = GramSpec(window="attended")
-    assert source_windows(3, attended, is_global=False) == [(0,), (1,), (2,)]
-    assert source_windows(3, attended, is_global=True) == [(0, 1, 2)] * 3
-    assert source_windows(3, GramSpec(include_self=False), True)[1] == (0, 2)
+    user = GramConfig(window="offsets", offsets=(-2, -1, 1, 2), include_self=True)
+    assert config_windows(user, 6, False)[0] == (0, 1, 2)
+    attended = GramConfig(window="attended")
+    assert config_windows(attended, 3, False) == [(0,), (1,), (2,)]
+    assert config_windows(attended, 3, True) == [(0, 1, 2)] * 3
+    assert config_windows(GramConfig(include_self=False), 3, True)[1] == (0, 2)
 
 
 def test_window_longer_than_the_clip_fails_clearly():
     with pytest.raises(UserError, match="leaves frame 0 of a 3-frame clip"):
-        source_windows(3, GramSpec(window="offsets", offsets=(-8, 8), include_self=False), True)
+        config_windows(GramConfig(window="offsets", offsets=(-8, 8), include_self=False), 3, True)
 
 
 def test_special_tokens_from_model_or_search():
@@ -114,7 +114,7 @@ def test_special_tokens_from_model_or_search():
 
 
 def test_collector_on_a_real_forward_matches_independent_statistics(small_net, clip_images):
-    spec = GramSpec(window="offsets", offsets=(-1, 1), include_self=False, variance="spatial")
+    spec = GramConfig(window="offsets", offsets=(-1, 1), include_self=False, variance="spatial")
     collector = GramCollector(spec, frozenset({2, 5}))
     captured = {}
 
@@ -142,7 +142,7 @@ def test_collector_on_a_real_forward_matches_independent_statistics(small_net, c
 
 
 def test_exact_band_averages_similarities_over_layers_before_the_spread(small_net, clip_images):
-    spec = GramSpec(variance="spatial")
+    spec = GramConfig(variance="spatial")
     collector = GramCollector(spec, frozenset({1, 2}), exact_bands={"middle": (1, 2)})
     captured = {}
 
@@ -173,4 +173,4 @@ def test_non_finite_qk_names_the_layer():
     layout = FrameLayout(2, 7, 1, (2, 3))
     capture = BlockQK(7, False, layout, q, k, _ClipState(layout))
     with pytest.raises(UserError, match="in Q of layer 7"):
-        GramCollector(GramSpec(), frozenset({7}))(capture)
+        GramCollector(GramConfig(), frozenset({7}))(capture)

@@ -84,7 +84,7 @@ def test_full_pipeline_writes_every_output_and_band_sweeps_reuse_the_forward(tmp
     assert {"JM", "JR", "FM", "FR", "unsupervised"} <= metrics.keys()
     with safe_open(job / "gram_stats.safetensors", "pt") as stats:
         keys = set(stats.keys())
-        assert stats.metadata()["window"] == "all"
+        assert json.loads(stats.metadata()["vggt4d"])["gram"]["window"] == "all"
         assert tuple(stats.get_tensor("qk.var.L05").shape) == (4, 8, 10)
     assert keys == {f"{p}.{s}.L{layer:02d}" for p in ("qq", "kk", "qk") for s in ("mean", "var")
                     for layer in range(12)}
@@ -145,7 +145,6 @@ def _images(folder: Path, count: int) -> Path:
     ("area_fraction", "second_pass.area_fraction=2.0"),
     ("latent_grid", "latent.grid_size=0.0 must be > 0"),
     ("concerto_unreachable", "cannot download concerto_large.pth"),
-    ("latent_before_second_pass", "list latent after them"),
     ("dynamic_voxels_without_masks", "latent.dynamic_voxels=true needs dynamic masks"),
     ("latent_without_cameras", "da3mono-large predicts depth only"),
 ])
@@ -168,7 +167,6 @@ def test_bad_input_is_one_clear_line(tmp_path, case, needle):
         "area_fraction": ["pipeline=[second_pass]", "second_pass.area_fraction=2"],
         "latent_grid": ["latent.grid_size=0"],
         "concerto_unreachable": ["latent.encoder=large", "latent.weights=concerto_large"],
-        "latent_before_second_pass": ["pipeline=[latent,second_pass]"],
         "dynamic_voxels_without_masks": ["pipeline=[latent]", "latent.dynamic_voxels=true"],
         "latent_without_cameras": ["model=da3mono-large", "pipeline=[predict,latent]"],
     }[case]
@@ -222,7 +220,8 @@ def test_depth_only_models_run_without_cameras(tmp_path):
     not scored, the second pass compares depth only."""
     result = run_cli(tmp_path, "model=da3mono-large", "model.weights=random", "process_res=112",
                      "data.num_frames=3", "logger=none",
-                     "pipeline=[predict,gram,maps,masks,second_pass,eval]")
+                     "pipeline=[predict,gram,maps,masks,second_pass,eval]",
+                     "second_pass.layer_rule=blocks")
     assert result.returncode == 0, result.stderr
     job = tmp_path / "job"
     with np.load(job / "prediction.npz") as data:

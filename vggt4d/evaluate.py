@@ -83,8 +83,8 @@ from scipy import ndimage
 from skimage.morphology import disk
 
 from vggt4d.errors import UserError
-from vggt4d.io import atomic_write
-from vggt4d.stage import UncachedStage
+from vggt4d.io import atomic_write, write_json
+from vggt4d.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -575,15 +575,12 @@ def unsupervised_figures(masks: np.ndarray) -> dict:
             "temporal_iou": float(np.mean(consecutive)) if consecutive else 1.0}
 
 
-def geometry_scores(ctx, truth) -> dict:
-    """Depth (AbsRel, δ<1.25 after median scaling) and poses (ATE, RPE after Sim(3)) of the first
-    and, when it ran, the second pass, at the ground truth's resolution."""
+def geometry_scores(passes: dict, truth, model_name: str) -> dict:
+    """Depth (AbsRel, δ<1.25 after median scaling) and poses (ATE, RPE after Sim(3)) of each
+    DA3 pass in ``passes`` (name → prediction), at the ground truth's resolution."""
     from vggt4d.geometry_metrics import depth_metrics, pose_metrics
     from vggt4d.postprocess import upsample_bilinear
 
-    passes = {"pass1": ctx.artifacts["prediction"]}
-    if "prediction_pass2" in ctx.artifacts:
-        passes["pass2"] = ctx.artifacts["prediction_pass2"]
     scores = {}
     for name, prediction in passes.items():
         depth = upsample_bilinear(prediction.depth, truth.depth.shape[1:3])
@@ -591,7 +588,7 @@ def geometry_scores(ctx, truth) -> dict:
         try:
             scores[name]["pose"] = pose_metrics(prediction.extrinsics, truth.extrinsics) \
                 if prediction.extrinsics is not None else {
-                    "skipped": f"{ctx.cfg.model.name} predicts no cameras"}
+                    "skipped": f"{model_name} predicts no cameras"}
         except UserError as err:  # too few frames or a degenerate predicted path
             scores[name]["pose"] = {"skipped": str(err)}
         pose = scores[name]["pose"]
@@ -602,18 +599,34 @@ def geometry_scores(ctx, truth) -> dict:
     return scores
 
 
-class EvalStage(UncachedStage):
+def mask_scores(stages: dict[str, np.ndarray], truth: np.ndarray, void: np.ndarray | None,
+                rules: ProtocolRules, bound_th: float) -> dict:
+    """Scores of each named set of (T, h, w) masks against (T, H, W) truth: the predictions are
+    resized (nearest) to the truth's size first. The last set gives the top-level figures."""
+    metrics: dict = {}
+    for name, masks in stages.items():
+        scores = score_sequence(resize_masks(masks, *truth.shape[1:3]), truth, void,
+                                rules=rules, bound_th=bound_th)
+        metrics[name] = {key: scores[key] for key in ("protocol", *_STATISTICS)}
+        metrics[name]["per_frame"] = {"J": scores["J"], "F": scores["F"]}
+    metrics.update(metrics[name])
+    return metrics
+
+
+class EvalStage(Stage):
     """Masks against ground truth (the synthetic scene's, or ``eval.gt_path``) → metrics.json.
 
-    Coarse and (when the refine stage ran) refined masks are scored; the top-level JM, JR, FM, FR
-    are the final masks'. Predicted masks are resized (nearest) to the ground truth's resolution
-    before scoring, so the scores are at the annotation's own size. With the synthetic scene's
-    depth and cameras, ``geometry`` holds depth and pose errors of each DA3 pass. Without ground
-    truth only the unsupervised figures are written, with a note in the log.
+    Coarse and (when the refine stage ran) refined masks are scored under ``eval.protocol``;
+    the top-level JM, JR, JD, FM, FR, FD are the final masks'. Predicted masks are resized
+    (nearest) to the ground truth's resolution before scoring, so the scores are at the
+    annotation's own size. With the synthetic scene's depth and cameras, ``geometry`` holds
+    depth and pose errors of each DA3 pass. Without ground truth only the unsupervised figures
+    are written, with a note in the log.
     """
 
     name = "eval"
-    requires = ("masks", "clip")
+    requires = ("masks", "clip", "prediction")
+    optional = ("refined_masks", "prediction_pass2")
     provides = ("metrics",)
 
     def check(self, ctx) -> None:
@@ -622,33 +635,31 @@ class EvalStage(UncachedStage):
             raise UserError(f"eval.gt_path={gt_path}: no such directory")
 
     def run(self, ctx) -> None:
-        cfg = ctx.cfg.eval
+        settings = ctx.cfg.eval
         clip = ctx.artifacts["clip"]
         stages = {"coarse": ctx.artifacts["masks"].binary}
         if "refined_masks" in ctx.artifacts:
             stages["refined"] = ctx.artifacts["refined_masks"].binary
-        final = stages.get("refined", stages["coarse"])
-        metrics: dict = {"unsupervised": unsupervised_figures(final)}
-        truth = None
-        if cfg.gt_path:
-            truth = read_mask_folder(Path(cfg.gt_path).expanduser())
+        metrics: dict = {"unsupervised": unsupervised_figures(list(stages.values())[-1])}
+        truth = void = None
+        if settings.gt_path:
+            annotations = read_mask_folder(Path(settings.gt_path).expanduser())
+            truth, void = annotations.foreground, annotations.void
         elif clip.ground_truth is not None:
             truth = clip.ground_truth.dynamic_masks
         if truth is None:
             log.info("eval: no ground truth (set eval.gt_path to a mask folder); "
                      "wrote unsupervised figures only")
         else:
-            for name, masks in stages.items():
-                scores = score_sequence(resize_masks(masks, *truth.shape[1:3]), truth,
-                                        bound_th=cfg.bound_th, empty_score=cfg.empty_score)
-                metrics[name] = {key: scores[key] for key in ("JM", "JR", "FM", "FR")}
-                metrics[name]["per_frame"] = {"J": scores["J"], "F": scores["F"]}
-            chosen = metrics["refined" if "refined" in stages else "coarse"]
-            metrics.update({key: chosen[key] for key in ("JM", "JR", "FM", "FR", "per_frame")})
-            log.info("eval: JM %.3f JR %.3f FM %.3f FR %.3f", *(metrics[k] for k in
-                                                                 ("JM", "JR", "FM", "FR")))
+            metrics.update(mask_scores(stages, truth, void, protocol_rules(settings.protocol),
+                                       settings.bound_th))
+            log.info("eval (%s): JM %.3f JR %.3f FM %.3f FR %.3f", settings.protocol,
+                     *(metrics[k] for k in ("JM", "JR", "FM", "FR")))
         if clip.ground_truth is not None:
-            metrics["geometry"] = geometry_scores(ctx, clip.ground_truth)
-        atomic_write(ctx.out_dir / "metrics.json",
-                     lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
+            passes = {"pass1": ctx.artifacts["prediction"]}
+            if "prediction_pass2" in ctx.artifacts:
+                passes["pass2"] = ctx.artifacts["prediction_pass2"]
+            metrics["geometry"] = geometry_scores(passes, clip.ground_truth,
+                                                  ctx.cfg.model.name)
+        write_json(ctx.out_dir / "metrics.json", metrics)
         ctx.artifacts["metrics"] = metrics

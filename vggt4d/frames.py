@@ -10,6 +10,8 @@ import dataclasses
 import functools
 import json
 import logging
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +19,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from vggt4d.config import PATCH_SIZE, ImagesData, SyntheticData, VideoData
+from vggt4d.config import PATCH_SIZE
+from vggt4d.config.data import ImagesData, SyntheticData, VideoData
 from vggt4d.errors import UserError
-from vggt4d.stage import UncachedStage
+from vggt4d.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +51,43 @@ class Clip:
     ground_truth: GroundTruth | None = None
 
 
+def to_rgb8(image: Image.Image) -> np.ndarray:
+    """Any Pillow image as (H, W, 3) uint8 RGB with the full range kept.
+
+    16- and 32-bit integer images (``I;16*``, ``I``) are scaled from their bit depth (values
+    above 65535 clip), float images (``F``) from [0, 1] when their values lie there, else from
+    [0, 255]; alpha is ignored (``LA``, ``RGBA``, ``PA``); palette, CMYK, YCbCr, LAB and
+    1-bit images go through Pillow's own conversion. ``convert("RGB")`` alone would clip 16-bit
+    values to 255, turning a 16-bit grey frame white.
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        grey = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        top = 1.0 if finite.size and finite.min() >= 0 and finite.max() <= 1 else 255.0
+        grey = np.clip(np.round(np.nan_to_num(values) * 255.0 / top), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if image.mode == "LA":
+        image = image.convert("L")
+    return np.asarray(image.convert("RGB"))
+
+
 def _read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            return to_rgb8(image)
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise UserError(f"cannot read image {path}: {err}") from None
+
+
+def natural_key(name: str) -> list:
+    """Sort key of a file name with its digit runs compared as numbers (``frame_2`` before
+    ``frame_10``)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower())
+            for part in re.split(r"(\d+)", name) if part]
 
 
 def _same_size(frames: list[np.ndarray], names: list[str]) -> np.ndarray:
@@ -75,19 +109,64 @@ def _check_count(count: int, source: str) -> None:
         raise UserError(f"{source} gives {count} frame(s); vggt4d needs at least {MIN_FRAMES}")
 
 
-def load_images(data: ImagesData) -> Clip:
+def image_paths(data: ImagesData) -> list[Path]:
+    """The frames of an image folder in natural name order (``stride``, ``max_frames``
+    applied); warns when plain name order would differ."""
     folder = Path(data.path).expanduser()
     if not folder.is_dir():
         raise UserError(f"data.path={data.path}: no such directory")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
     if not paths:
         raise UserError(f"data.path={data.path} holds no {'/'.join(IMAGE_SUFFIXES)} images")
+    paths.sort(key=lambda p: natural_key(p.name))
+    if [p.name for p in paths] != sorted(p.name for p in paths):
+        log.warning("frames in %s are taken in numeric order (%s, %s, ...), which differs from "
+                    "plain name order; zero-pad the numbers to make both agree", folder,
+                    paths[0].name, paths[1].name if len(paths) > 1 else "")
     paths = paths[:: data.stride]
     if data.max_frames:
         paths = paths[: data.max_frames]
     _check_count(len(paths), f"data.path={data.path}")
+    return paths
+
+
+def load_images(data: ImagesData) -> Clip:
+    paths = image_paths(data)
     names = [p.name for p in paths]
     return Clip(_same_size([_read_image(p) for p in paths], names), names)
+
+
+def video_metadata(path: Path) -> dict:
+    """imageio-ffmpeg's description of a video (``fps``, ``duration``, ``size``), without
+    decoding it."""
+    import imageio_ffmpeg
+
+    try:
+        reader = imageio_ffmpeg.read_frames(str(path))
+        meta = next(reader)
+        reader.close()
+    except (RuntimeError, OSError, StopIteration) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot decode video {path}: {reason}") from None
+    return meta
+
+
+def video_rate(data: VideoData, meta: dict) -> float:
+    """The sampling rate: ``data.fps``, capped at the video's own rate (above it frames would
+    only repeat), with a warning when capped."""
+    source = float(meta.get("fps") or 0)
+    if source > 0 and data.fps > source:
+        log.warning("data.fps=%g is above the video's %g frames/s: using %g (a higher rate "
+                    "would only repeat frames)", data.fps, source, source)
+        return source
+    return data.fps
+
+
+def video_frame_count(data: VideoData, meta: dict) -> int:
+    """Frames :func:`load_video` will return, from the metadata (duration × rate)."""
+    duration = float(meta.get("duration") or 0)
+    count = max(1, math.floor(duration * video_rate(data, meta) + 0.5))
+    return min(count, data.max_frames) if data.max_frames else count
 
 
 def load_video(data: VideoData) -> Clip:
@@ -96,9 +175,10 @@ def load_video(data: VideoData) -> Clip:
     path = Path(data.path).expanduser()
     if not path.is_file():
         raise UserError(f"data.path={data.path}: no such file")
+    rate = video_rate(data, video_metadata(path))
     frames = []
     try:
-        reader = imageio_ffmpeg.read_frames(str(path), output_params=["-vf", f"fps={data.fps}"])
+        reader = imageio_ffmpeg.read_frames(str(path), output_params=["-vf", f"fps={rate}"])
         width, height = next(reader)["size"]
         for raw in reader:
             frames.append(np.frombuffer(raw, np.uint8).reshape(height, width, 3))
@@ -108,8 +188,44 @@ def load_video(data: VideoData) -> Clip:
     except (RuntimeError, OSError, StopIteration, KeyError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot decode video {path}: {reason}") from None
-    _check_count(len(frames), f"video {path} at data.fps={data.fps}")
+    _check_count(len(frames), f"video {path} at data.fps={rate}")
     return Clip(np.stack(frames), [f"{path.stem}_{i:05d}" for i in range(len(frames))])
+
+
+@dataclass(frozen=True)
+class ClipInfo:
+    """What a source will give, known before decoding: frame count, source and processing
+    size ``(H, W)``."""
+
+    num_frames: int
+    source_size: tuple[int, int]
+    size: tuple[int, int]
+
+
+def probe_clip(data: ImagesData | VideoData | SyntheticData, process_res: int) -> ClipInfo:
+    """Frame count and sizes from the source's metadata (image headers, the video container,
+    the synthetic settings) without decoding frames; raises :class:`UserError` for a missing or
+    unreadable source."""
+    if isinstance(data, ImagesData):
+        paths = image_paths(data)
+        try:
+            with Image.open(paths[0]) as image:
+                width, height = image.size
+        except (UnidentifiedImageError, OSError) as err:
+            raise UserError(f"cannot read image {paths[0]}: {err}") from None
+        count = len(paths)
+    elif isinstance(data, VideoData):
+        path = Path(data.path).expanduser()
+        if not path.is_file():
+            raise UserError(f"data.path={data.path}: no such file")
+        meta = video_metadata(path)
+        width, height = meta["size"]
+        count = video_frame_count(data, meta)
+        _check_count(count, f"video {path} at data.fps={video_rate(data, meta)}")
+    else:
+        data.validate()
+        width, height, count = data.width, data.height, data.num_frames
+    return ClipInfo(count, (height, width), processing_size(height, width, process_res))
 
 
 @functools.lru_cache(maxsize=2)
@@ -175,12 +291,30 @@ def normalize(frames: np.ndarray) -> torch.Tensor:
     return (images - mean) / std
 
 
-class FramesStage(UncachedStage):
+ENLARGE_WARNING = 2.0
+"""Enlarging frames by more than this factor gets a warning (DA3 then sees blurred pixels)."""
+
+
+def warn_if_enlarged(source_size: tuple[int, int], size: tuple[int, int]) -> None:
+    """A warning when the processing size enlarges the frames more than ENLARGE_WARNING×."""
+    factor = max(size) / max(source_size)
+    if factor > ENLARGE_WARNING:
+        log.warning("frames of %dx%d are enlarged %.1fx to %dx%d: DA3 sees interpolated "
+                    "pixels; use larger frames or lower process_res (e.g. process_res=%d)",
+                    source_size[1], source_size[0], factor, size[1], size[0],
+                    max(PATCH_SIZE, round(max(source_size) / PATCH_SIZE) * PATCH_SIZE))
+
+
+class FramesStage(Stage):
     """Decode the clip and resize it to DA3's processing size (no files: decoding is cheap)."""
 
     name = "frames"
-    requires: tuple[str, ...] = ()
     provides = ("clip", "processed_frames")
+
+    def check(self, ctx) -> None:
+        """The source exists and gives enough frames (from its metadata)."""
+        info = probe_clip(ctx.cfg.data, ctx.cfg.process_res)
+        warn_if_enlarged(info.source_size, info.size)
 
     def run(self, ctx) -> None:
         clip = load_clip(ctx.cfg.data)

@@ -22,58 +22,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor
 
+from vggt4d.config.gram import Engine, GramConfig, Heads, Pair, SpecialTokens, Window
+from vggt4d.config.maps import BandMode
+from vggt4d.config.root import cue_bands
 from vggt4d.errors import UserError
 from vggt4d.hook import BlockQK
-from vggt4d.stage import UncachedStage
+from vggt4d.io import read_safetensors, write_safetensors
+from vggt4d.stage import ForwardTap, Stage
 
-PAIRS = ("qq", "kk", "qk")
+PAIRS = tuple(Pair)
 STATS = ("mean", "var")
-WINDOWS = ("all", "attended", "offsets")
-VARIANCES = ("pairs", "spatial")
-HEADS = ("mean", "keep")
-ENGINES = ("moments", "chunked")
 MAX_SPECIAL_TOKENS = 16
 REFERENCE_BATCH = 8
 """Reference frames per quadratic-form batch: bounds the moments engine's extra memory."""
 
 
-@dataclass(frozen=True)
-class GramSpec:
-    """What to compute; mirrors the ``gram`` config group."""
-
-    window: str = "all"
-    offsets: tuple[int, ...] = (-6, -4, -2, 2, 4, 6)
-    include_self: bool = True
-    scale: bool = False
-    variance: str = "pairs"
-    heads: str = "mean"
-    engine: str = "moments"
-    chunk_size: int = 1024
-    pairs: tuple[str, ...] = PAIRS
-
-    def check(self) -> None:
-        for name, value, allowed in (("window", self.window, WINDOWS),
-                                     ("variance", self.variance, VARIANCES),
-                                     ("heads", self.heads, HEADS),
-                                     ("engine", self.engine, ENGINES)):
-            if value not in allowed:
-                raise UserError(f"gram.{name}='{value}' is not one of {', '.join(allowed)}")
-        unknown = [pair for pair in self.pairs if pair not in PAIRS]
-        if unknown or not self.pairs:
-            raise UserError(f"gram.pairs={list(self.pairs)} must be a non-empty subset of "
-                            f"{list(PAIRS)}")
-        if self.chunk_size < 1:
-            raise UserError(f"gram.chunk_size={self.chunk_size} must be >= 1")
-        if self.window == "offsets" and not self.offsets and not self.include_self:
-            raise UserError("gram.offsets is empty and gram.include_self=false: no source frames")
-
-
-def source_windows(num_frames: int, spec: GramSpec, is_global: bool) -> list[tuple[int, ...]]:
+def source_windows(num_frames: int, window: str, offsets: Sequence[int], include_self: bool,
+                   is_global: bool) -> list[tuple[int, ...]]:
     """Source frames W(t) of every reference frame t, truncated at the clip's ends.
 
     ``all``: every frame; ``attended``: what the block attends (its own frame in a per-frame
@@ -82,17 +52,17 @@ def source_windows(num_frames: int, spec: GramSpec, is_global: bool) -> list[tup
     """
     windows = []
     for t in range(num_frames):
-        if spec.window == "attended":
+        if window == Window.attended:
             windows.append(tuple(range(num_frames)) if is_global else (t,))
             continue
-        if spec.window == "all":
+        if window == Window.all:
             frames = set(range(num_frames))
         else:
-            frames = {t + o for o in spec.offsets if 0 <= t + o < num_frames}
-        frames = frames | {t} if spec.include_self else frames - {t}
+            frames = {t + o for o in offsets if 0 <= t + o < num_frames}
+        frames = frames | {t} if include_self else frames - {t}
         if not frames:
             raise UserError(
-                f"gram window {spec.window} {list(spec.offsets)} leaves frame {t} of a "
+                f"gram window {window} {list(offsets)} leaves frame {t} of a "
                 f"{num_frames}-frame clip without source frames; use smaller offsets, "
                 f"gram.include_self=true or gram.window=all"
             )
@@ -122,16 +92,17 @@ def special_token_count(tokens_per_frame: int, grid: tuple[int, int],
 def group_heads(x: Tensor, heads: str) -> Tensor:
     """(T, H, P, d) → (T, G, P, D): one group of head-concatenated vectors (D = H·d, ``mean``)
     or one group per head (``keep``)."""
-    if heads == "keep":
+    if heads == Heads.keep:
         return x
     frames, num_heads, patches, dim = x.shape
     return x.permute(0, 2, 1, 3).reshape(frames, 1, patches, num_heads * dim)
 
 
-def similarity_factor(num_heads: int, head_dim: int, spec: GramSpec, layers: int = 1) -> float:
+def similarity_factor(num_heads: int, head_dim: int, *, scale: bool, heads: str,
+                      layers: int = 1) -> float:
     """c in g = c·⟨x, y⟩: 1/√d when scaled, averaged over heads (``mean``) and band layers."""
-    factor = 1 / math.sqrt(head_dim) if spec.scale else 1.0
-    return factor / (layers * (num_heads if spec.heads == "mean" else 1))
+    factor = 1 / math.sqrt(head_dim) if scale else 1.0
+    return factor / (layers * (num_heads if heads == Heads.mean else 1))
 
 
 def _group_windows(windows: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], list[int]]:
@@ -289,23 +260,25 @@ def dense_statistics(x: Tensor, y: Tensor, windows: Sequence[tuple[int, ...]], *
 
 
 def layer_statistics(q: Tensor, k: Tensor, windows: Sequence[tuple[int, ...]], *,
-                     factor: float, spec: GramSpec) -> dict[str, tuple[Tensor, Tensor]]:
-    """Mean and var (T, G, P) of each configured pair from patch Q, K (T, H, P, d)."""
-    vectors = {"q": group_heads(q.float(), spec.heads), "k": group_heads(k.float(), spec.heads)}
+                     factor: float, pairs: Sequence[str], heads: str, variance: str,
+                     engine: str = Engine.moments, chunk_size: int = 1024
+                     ) -> dict[str, tuple[Tensor, Tensor]]:
+    """Mean and var (T, G, P) of each of ``pairs`` from patch Q, K (T, H, P, d)."""
+    vectors = {"q": group_heads(q.float(), heads), "k": group_heads(k.float(), heads)}
     results = {}
     for source in "qk":
-        pairs = [pair for pair in spec.pairs if pair[1] == source]
-        if not pairs:
+        chosen = [pair for pair in pairs if pair[1] == source]
+        if not chosen:
             continue
-        xs = [vectors[pair[0]].float() for pair in pairs]
-        if spec.engine == "chunked":
+        xs = [vectors[pair[0]].float() for pair in chosen]
+        if engine == Engine.chunked:
             stats = [chunked_statistics(x, vectors[source], windows, factor=factor,
-                                        variance=spec.variance, chunk_size=spec.chunk_size)
+                                        variance=variance, chunk_size=chunk_size)
                      for x in xs]
         else:
             stats = moments_statistics_shared(xs, vectors[source], windows, factor=factor,
-                                              variance=spec.variance)
-        results.update(zip(pairs, stats, strict=True))
+                                              variance=variance)
+        results.update(zip(chosen, stats, strict=True))
     return results
 
 
@@ -322,7 +295,14 @@ def band_key(pair: str, stat: str, band: str) -> str:
 def _as_maps(values: Tensor, grid: tuple[int, int], heads: str) -> Tensor:
     """(T, G, P) → (T, h, w) when heads are averaged, (T, H, h, w) when kept; float32 on CPU."""
     maps = values.reshape(values.shape[0], values.shape[1], *grid).cpu()
-    return maps[:, 0] if heads == "mean" else maps
+    return maps[:, 0] if heads == Heads.mean else maps
+
+
+def config_windows(settings: GramConfig, num_frames: int,
+                   is_global: bool) -> list[tuple[int, ...]]:
+    """:func:`source_windows` of the ``gram`` settings."""
+    return source_windows(num_frames, settings.window, settings.offsets, settings.include_self,
+                          is_global)
 
 
 @dataclass
@@ -333,7 +313,7 @@ class GramCollector:
     ``patch_start_idx`` None searches the special-token count (see :func:`special_token_count`).
     """
 
-    spec: GramSpec
+    settings: GramConfig
     layers: frozenset[int]
     patch_start_idx: int | None = 1
     exact_bands: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -347,13 +327,16 @@ class GramCollector:
             return
         q, k = self._patches(capture)
         if capture.layer in self.layers:
-            windows = source_windows(capture.layout.num_frames, self.spec, capture.is_global)
-            factor = similarity_factor(q.shape[1], q.shape[-1], self.spec)
-            self._store(q, k, windows, factor, lambda pair, stat: stat_key(pair, stat,
-                                                                            capture.layer))
+            windows = config_windows(self.settings, capture.layout.num_frames, capture.is_global)
+            self._store(q, k, windows, self._factor(q.shape[1], q.shape[-1]),
+                        lambda pair, stat: stat_key(pair, stat, capture.layer))
         if needed_by_band:
             self._band_buffers[capture.layer] = (q, k, capture.is_global)
             self._finish_bands(capture.layout.num_frames)
+
+    def _factor(self, num_heads: int, head_dim: int, layers: int = 1) -> float:
+        return similarity_factor(num_heads, head_dim, scale=self.settings.scale,
+                                 heads=self.settings.heads, layers=layers)
 
     def _patches(self, capture: BlockQK) -> tuple[Tensor, Tensor]:
         layout = capture.layout
@@ -368,13 +351,16 @@ class GramCollector:
         return q[:, :, start:].float(), k[:, :, start:].float()
 
     def _store(self, q: Tensor, k: Tensor, windows, factor: float, key) -> None:
-        for pair, (mean, var) in layer_statistics(q, k, windows, factor=factor,
-                                                  spec=self.spec).items():
-            self.maps[key(pair, "mean")] = _as_maps(mean, self.grid, self.spec.heads)
-            self.maps[key(pair, "var")] = _as_maps(var, self.grid, self.spec.heads)
+        settings = self.settings
+        for pair, (mean, var) in layer_statistics(
+                q, k, windows, factor=factor, pairs=settings.pairs, heads=settings.heads,
+                variance=settings.variance, engine=settings.engine,
+                chunk_size=settings.chunk_size).items():
+            self.maps[key(pair, "mean")] = _as_maps(mean, self.grid, settings.heads)
+            self.maps[key(pair, "var")] = _as_maps(var, self.grid, settings.heads)
 
     def _band_done(self, name: str) -> bool:
-        return band_key(self.spec.pairs[0], "mean", name) in self.maps
+        return band_key(self.settings.pairs[0], "mean", name) in self.maps
 
     def _finish_bands(self, num_frames: int) -> None:
         """Compute every band whose layers have all run, then drop buffers no band still needs.
@@ -388,8 +374,8 @@ class GramCollector:
             parts = [self._band_buffers[layer] for layer in band]
             q = torch.cat([part[0] for part in parts], dim=-1)
             k = torch.cat([part[1] for part in parts], dim=-1)
-            windows = source_windows(num_frames, self.spec, all(part[2] for part in parts))
-            factor = similarity_factor(q.shape[1], parts[0][0].shape[-1], self.spec, len(band))
+            windows = config_windows(self.settings, num_frames, all(part[2] for part in parts))
+            factor = self._factor(q.shape[1], parts[0][0].shape[-1], len(band))
             self._store(q, k, windows, factor, lambda pair, stat, n=name: band_key(pair, stat, n))
         pending = {layer for name, band in self.exact_bands.items()
                    if not self._band_done(name) for layer in band}
@@ -397,21 +383,12 @@ class GramCollector:
             del self._band_buffers[layer]
 
 
-def spec_from_config(cfg) -> GramSpec:
-    """The :class:`GramSpec` of a ``gram`` config group, checked."""
-    spec = GramSpec(window=cfg.window, offsets=tuple(cfg.offsets), include_self=cfg.include_self,
-                    scale=cfg.scale, variance=cfg.variance, heads=cfg.heads, engine=cfg.engine,
-                    chunk_size=cfg.chunk_size, pairs=tuple(cfg.pairs))
-    spec.check()
-    return spec
-
-
-class GramStage(UncachedStage):
+class GramStage(Stage):
     """Statistics computed inside the (cached) DA3 forward → ``gram_stats.safetensors``.
 
     One ``(T, h, w)`` float32 tensor per key ``{pair}.{stat}.L{layer:02d}`` (``(T, heads, h, w)``
     with ``gram.heads=keep``), plus ``{pair}.{stat}.band_{name}`` in ``maps.band_mode=exact``;
-    the metadata records how they were computed.
+    the metadata (key ``vggt4d``, JSON) records how they were computed.
     """
 
     name = "gram"
@@ -419,45 +396,31 @@ class GramStage(UncachedStage):
     provides = ("gram_stats",)
     output = "gram_stats.safetensors"
 
-    def check(self, ctx) -> None:
-        spec_from_config(ctx.cfg.gram)
-
-    def forward_tap(self, ctx):
-        from vggt4d.config import cue_bands
-        from vggt4d.pipeline import ForwardTap
-
+    def forward_tap(self, ctx) -> ForwardTap:
         cfg = ctx.cfg
-        spec = spec_from_config(cfg.gram)
-        layers = frozenset(cfg.gram.layers or range(cfg.model.num_blocks))
-        exact = cue_bands(cfg) if cfg.maps.band_mode == "exact" else {}
-        patch_start = cfg.model.patch_start_idx if cfg.gram.special_tokens == "model" else None
-        collector = GramCollector(spec, layers, patch_start, exact)
+        settings = cfg.gram
+        layers = frozenset(settings.layers or range(cfg.model.num_blocks))
+        exact = cue_bands(cfg) if cfg.maps.band_mode == BandMode.exact else {}
+        patch_start = cfg.model.patch_start_idx \
+            if settings.special_tokens == SpecialTokens.model else None
+        collector = GramCollector(settings, layers, patch_start, exact)
         needed = layers | {layer for band in exact.values() for layer in band}
-        metadata = {"model": cfg.model.name, "spec": repr(spec), "window": spec.window,
-                    "offsets": str(list(spec.offsets)), "include_self": str(spec.include_self),
-                    "variance": spec.variance, "heads": spec.heads, "engine": spec.engine,
-                    "scale": str(spec.scale), "special_tokens": cfg.gram.special_tokens,
-                    "exact_bands": str({k: list(v) for k, v in exact.items()})}
+        metadata = {"model": cfg.model.name, "gram": asdict(settings),
+                    "exact_bands": {k: list(v) for k, v in exact.items()}}
 
         def save(out_dir) -> None:
-            from safetensors.torch import save_file
-
-            from vggt4d.io import atomic_write
-
-            info = {**metadata, "grid": str(list(collector.grid or ()))}
-            tensors = {key: value.contiguous() for key, value in collector.maps.items()}
-            atomic_write(out_dir / self.output,
-                         lambda tmp: save_file(tensors, str(tmp), metadata=info))
+            write_safetensors(out_dir / self.output, collector.maps,
+                              {**metadata, "grid": list(collector.grid or ())})
 
         def check_frames(num_frames: int) -> None:
             for is_global in (False, True):
-                source_windows(num_frames, spec, is_global)
+                config_windows(settings, num_frames, is_global)
 
         return ForwardTap(key={"gram": metadata, "layers": sorted(layers)},
                           files=(self.output,), save=save, on_qk=collector,
                           qk_layers=frozenset(needed), check_frames=check_frames)
 
-    def run(self, ctx) -> None:
-        from safetensors.torch import load_file
+    def load(self, ctx) -> None:
+        ctx.artifacts["gram_stats"] = read_safetensors(ctx.out_dir / self.output)
 
-        ctx.artifacts["gram_stats"] = load_file(str(ctx.out_dir / self.output))
+    run = load

@@ -36,12 +36,12 @@ from a moving one.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import math
 import pickle
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from vggt4d.cameras import camera_to_world
+from vggt4d.config.latent import Encoder, LatentConfig, SaveDtype
 from vggt4d.errors import UserError
 from vggt4d.gridsample import (
     Voxels,
@@ -61,87 +62,19 @@ from vggt4d.gridsample import (
     unsigned_order,
     voxelize,
 )
-from vggt4d.io import atomic_write
+from vggt4d.io import atomic_write, write_json
 from vggt4d.points import PointCloud, ScenePoints
-from vggt4d.ptv3.checkpoint import RELEASED
+from vggt4d.stage import Stage
 
 log = logging.getLogger(__name__)
 
 OUTPUT = "scene_latent.pt"
 PLY = "scene_latent.ply"
 REPORT = "latent.json"
-HASHES = ("fnv", "ravel")
 CAMERA_EMBEDDINGS = {"c2w": 16, "centre_direction_fov": 8}
-CAMERA_FRAMES = ("encoder", "world")
 FORMAT_VERSION = 1
 """``scene_latent.pt``'s ``format_version``: raised whenever a key changes meaning."""
-ENCODERS = ("none", "tiny", "small", "base", "large")
-SAVE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
-NUM_LEVELS = 5
-
-
-@dataclass
-class LatentSettings:
-    """``latent.*``: voxels, embeddings and the encoder (see the module docstring)."""
-
-    grid_size: float = 0.02
-    """Voxel pitch in metres of the encoder frame (Concerto's grid size)."""
-    hash: str = "fnv"
-    dynamic_voxels: bool = False
-    """Bin dynamic points in (x, y, z, t) and static ones in (x, y, z)."""
-    time_bin: int = 1
-    """Frames per time bin of dynamic voxels."""
-    time_dim: int = 8
-    camera_embedding: str = "c2w"
-    camera_frame: str = "encoder"
-    """Frame of the cameras in ``cam_emb``: encoder (that of the tokens' positions) | world
-    (DA3's world, unshifted, as the user's token script used it)."""
-    encoder: str = "large"
-    """PTv3 variant: tiny (ours, tests and demo) | small | base | large | none (no features)."""
-    weights: str = "concerto_large"
-    """A local .pth, a released name (concerto_small/base/large, from the hub Pointcept/Concerto)
-    or random (seeded)."""
-    levels: list[int] | None = None
-    """Encoder levels concatenated per voxel (0 = finest); null = all (1728 channels for large),
-    [2, 3, 4] = the official demo's three (1536)."""
-    shuffle_orders: bool = False
-    """Permute the serialization orders per pooling level as in training (seeded)."""
-    save_dtype: str = "fp16"
-    ply: bool = True
-    seed: int = 0
-
-    def validate(self) -> None:
-        if not (math.isfinite(self.grid_size) and self.grid_size > 0):
-            raise UserError(f"latent.grid_size={self.grid_size} must be > 0 (metres, e.g. 0.02)")
-        _choice("latent.hash", self.hash, HASHES)
-        _choice("latent.camera_embedding", self.camera_embedding, tuple(CAMERA_EMBEDDINGS))
-        _choice("latent.camera_frame", self.camera_frame, CAMERA_FRAMES)
-        _choice("latent.encoder", self.encoder, ENCODERS)
-        _choice("latent.save_dtype", self.save_dtype, tuple(SAVE_DTYPES))
-        if self.time_bin < 1:
-            raise UserError(f"latent.time_bin={self.time_bin} must be >= 1 frame")
-        if self.time_dim < 2 or self.time_dim % 2:
-            raise UserError(f"latent.time_dim={self.time_dim} must be an even number >= 2 "
-                            f"(sin/cos pairs)")
-        levels = None if self.levels is None else list(self.levels)
-        if levels is not None and (not levels or levels != sorted(set(levels))
-                                   or not 0 <= levels[0] <= levels[-1] < NUM_LEVELS):
-            raise UserError(f"latent.levels={levels} must be increasing encoder levels "
-                            f"0-{NUM_LEVELS - 1} (or null = all)")
-        if self.encoder == "none" or self.weights == "random":
-            return
-        released = RELEASED.get(self.weights)
-        if released is not None and released != self.encoder:
-            raise UserError(f"latent.weights={self.weights} is the {released} encoder but "
-                            f"latent.encoder={self.encoder}: set latent.encoder={released}")
-        if released is None and not Path(self.weights).expanduser().is_file():
-            raise UserError(f"latent.weights={self.weights}: no such file (use a local .pth, "
-                            f"one of {', '.join(RELEASED)}, or random)")
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise UserError(f"{name}='{value}' is not one of {', '.join(allowed)}")
+SAVE_DTYPES = {SaveDtype.fp16: torch.float16, SaveDtype.fp32: torch.float32}
 
 
 # ------------------------------------------------------------------------------------------
@@ -328,12 +261,12 @@ def aggregate(voxels: Voxels, position: Tensor, color: Tensor, frame: Tensor, dy
 # ------------------------------------------------------------------------------------------
 
 
-def encoder_overrides(settings: LatentSettings) -> dict[str, object]:
+def encoder_overrides(settings: LatentConfig) -> dict[str, object]:
     """Run-time PTv3 config fields set from ``latent.*`` (applied to released weights too)."""
     return {"shuffle_orders": settings.shuffle_orders}
 
 
-def build_encoder(settings: LatentSettings, device: torch.device):
+def build_encoder(settings: LatentConfig, device: torch.device):
     """The PTv3 encoder of ``settings`` (released or local weights loaded strictly, or random
     weights drawn from ``settings.seed``), in eval mode on ``device``."""
     from dataclasses import replace
@@ -397,12 +330,41 @@ class SceneLatent:
                  "pixel_voxel": self.pixel_voxel, "world_to_grid": self.world_to_grid,
                  "world_to_enc": self.world_to_enc, "c2w": self.c2w,
                  "intrinsics": self.intrinsics}
-        tensors = {**{key: value.to(dtype) for key, value in floats.items()}, **exact}
+        for key, value in {**floats, **exact}.items():
+            refuse_non_finite(key, value)
+        tensors = {**{key: storable(key, value, dtype) for key, value in floats.items()},
+                   **exact}
         compact = torch.contiguous_format
         return {**{key: None if value is None else value.clone(memory_format=compact)
                    for key, value in tensors.items()},
                 "grid_size": self.meta["grid_size"], "num_frames": self.meta["num_frames"],
-                "format_version": FORMAT_VERSION, "meta": self.meta}
+                "format_version": FORMAT_VERSION,
+                "meta": json.loads(json.dumps(self.meta))}  # plain types: weights_only loads
+
+
+def refuse_non_finite(name: str, values: Tensor | None) -> None:
+    """Raise :class:`UserError` naming the tensor and where, when ``values`` holds NaN or inf
+    (rows are tokens for (V, C) tensors)."""
+    if values is None or not values.is_floating_point():
+        return
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        rows = bad.reshape(len(values), -1).any(dim=1) if values.ndim else bad.reshape(1)
+        raise UserError(f"scene_latent.pt not written: {name} holds {int(bad.sum())} NaN/inf "
+                        f"values in {int(rows.sum())} of {len(rows)} rows (first: row "
+                        f"{int(rows.nonzero()[0, 0])}); check latent.weights (an encoder "
+                        f"checkpoint that overflows) and the prediction")
+
+
+def storable(name: str, values: Tensor, dtype: torch.dtype) -> Tensor:
+    """``values`` in ``dtype``, or kept in float32 with a warning when ``dtype`` cannot hold
+    them (fp16 overflows beyond ±65504 to inf)."""
+    converted = values.to(dtype)
+    if bool(torch.isfinite(converted).all()):
+        return converted
+    log.warning("scene_latent.pt: %s exceeds %s's range (max |x| = %.3g); saved in float32",
+                name, str(dtype).removeprefix("torch."), float(values.abs().max()))
+    return values.float()
 
 
 def affine(matrix_3x3: np.ndarray, offset: np.ndarray) -> np.ndarray:
@@ -423,7 +385,7 @@ def cameras_in_frame(extrinsics: np.ndarray, similarity: np.ndarray, scale: floa
 
 
 def scene_latent(cloud: PointCloud, extrinsics: np.ndarray, intrinsics: np.ndarray,
-                 settings: LatentSettings, device: torch.device, encoder=None,
+                 settings: LatentConfig, device: torch.device, encoder=None,
                  max_per_frame: int = 0, subsample_seed: int = 0) -> SceneLatent:
     """Tokens of a point cloud (module docstring): voxels of the points (at most
     ``max_per_frame`` per frame drawn with ``subsample_seed``, 0 = all), their aggregates, the
@@ -547,93 +509,101 @@ def _file_identity(path: Path) -> list:
     return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
-class LatentStage:
+@functools.lru_cache(maxsize=4)
+def encoder_weights_file(weights: str, encoder: str, shuffle_orders: bool) -> Path | None:
+    """The checked encoder checkpoint of these settings (downloaded once, config, keys and
+    shapes checked; memoised per process), None for random weights or no encoder."""
+    if encoder == Encoder.none or weights == "random":
+        return None
+    from vggt4d.ptv3.checkpoint import check_checkpoint
+
+    return check_checkpoint(weights, encoder, {"shuffle_orders": shuffle_orders})
+
+
+def latent_inputs(ctx) -> tuple:
+    """The prediction and masks the tokens are built from, and their names (``sources``): the
+    second pass when it ran, the refined masks when refine ran, else the coarse masks."""
+    second = "prediction_pass2" in ctx.artifacts
+    prediction = ctx.artifacts["prediction_pass2" if second else "prediction"]
+    masks, masks_name = None, None
+    for artifact, name in (("refined_masks", "refined"), ("masks", "coarse")):
+        if artifact in ctx.artifacts:
+            masks, masks_name = ctx.artifacts[artifact], name
+            break
+    return prediction, masks, {"prediction": "pass2" if second else "pass1",
+                               "masks": masks_name}
+
+
+class LatentStage(Stage):
     """Prediction (the second pass when present) and masks → ``scene_latent.pt``, a PLY of the
     voxels and ``latent.json``; cached by the inputs' content and the settings."""
 
     name = "latent"
     requires = ("prediction",)
+    optional = ("prediction_pass2", "masks", "refined_masks")
     provides = ("scene_latent",)
-    AFTER = ("masks", "refine", "second_pass")
 
     def check(self, ctx) -> None:
-        from vggt4d.config import require_cameras
+        """Cameras, scale, masks for dynamic voxels, and the encoder checkpoint (downloaded and
+        checked now: a bad file fails before DA3 runs)."""
         from vggt4d.resources import resolve_device
 
-        require_cameras(ctx.cfg.model, "latent")
-        ctx.cfg.points.validate()
-        ctx.cfg.latent.validate()
-        self.scale_mode = ctx.cfg.points.scale_mode(ctx.cfg.model.name)
-        names = [stage.name for stage in ctx.stages]
-        late = [name for name in self.AFTER if name in names
-                and names.index(name) > names.index(self.name)]
-        if late:
-            raise UserError(f"pipeline: latent runs before {', '.join(late)}, whose results it "
-                            f"uses: list latent after them")
-        self.device = resolve_device(ctx.cfg.device, ctx.job.num)
-        self.files = (OUTPUT, REPORT) + ((PLY,) if ctx.cfg.latent.ply else ())
-        settings = ctx.cfg.latent
-        if settings.dynamic_voxels and "masks" not in names:
+        cfg = ctx.cfg
+        cfg.model.require_cameras("latent")
+        cfg.points.scale_mode(cfg.model.name)
+        resolve_device(cfg.device, ctx.job.num)
+        if cfg.latent.dynamic_voxels and not ctx.has_stage("masks"):
             raise UserError("latent.dynamic_voxels=true needs dynamic masks: add masks to the "
-                            "pipeline before latent")
-        self.weights_file = None
-        if settings.encoder != "none" and settings.weights != "random":
-            from vggt4d.ptv3.checkpoint import check_checkpoint
+                            "pipeline")
+        encoder_weights_file(cfg.latent.weights, cfg.latent.encoder, cfg.latent.shuffle_orders)
 
-            # downloaded and checked (config, keys, shapes) now: fails before DA3 runs
-            self.weights_file = check_checkpoint(settings.weights, settings.encoder,
-                                                 encoder_overrides(settings))
-
-    @staticmethod
-    def _inputs(ctx):
-        """The prediction and masks the tokens are built from, and their names (``sources``):
-        the second pass when it ran, the refined masks when refine ran."""
-        second, refined = "prediction_pass2" in ctx.artifacts, "refined_masks" in ctx.artifacts
-        prediction = ctx.artifacts["prediction_pass2" if second else "prediction"]
-        masks = ctx.artifacts.get("refined_masks", ctx.artifacts.get("masks"))
-        masks_name = "refined" if refined else (None if masks is None else "coarse")
-        return prediction, masks, {"prediction": "pass2" if second else "pass1",
-                                   "masks": masks_name}
+    def outputs(self, ctx) -> tuple[str, ...]:
+        return (OUTPUT, REPORT) + ((PLY,) if ctx.cfg.latent.ply else ())
 
     def cache_key(self, ctx) -> str:
-        from dataclasses import asdict
-
         from vggt4d import __version__
         from vggt4d.cache import content_key
+        from vggt4d.resources import resolve_device
 
-        prediction, masks, sources = self._inputs(ctx)
+        cfg = ctx.cfg
+        prediction, masks, sources = latent_inputs(ctx)
         arrays = [prediction.depth, prediction.conf, prediction.extrinsics,
                   prediction.intrinsics, prediction.frames, prediction.sky]
         arrays += [None, None] if masks is None else [masks.soft, masks.binary]
-        weights = None if self.weights_file is None else _file_identity(self.weights_file)
+        weights_file = encoder_weights_file(cfg.latent.weights, cfg.latent.encoder,
+                                            cfg.latent.shuffle_orders)
+        weights = None if weights_file is None else _file_identity(weights_file)
         return content_key(*(b"" if a is None else np.ascontiguousarray(a).tobytes()
                              for a in arrays), sources,
-                           asdict(ctx.cfg.points), asdict(ctx.cfg.latent), weights,
-                           self.scale_mode, self.device.type, __version__)
+                           asdict(cfg.points), asdict(cfg.latent), weights,
+                           cfg.points.scale_mode(cfg.model.name),
+                           resolve_device(cfg.device, ctx.job.num).type, __version__)
 
     def run(self, ctx) -> None:
         from vggt4d.points import scene_points
+        from vggt4d.resources import resolve_device
 
-        prediction, masks, sources = self._inputs(ctx)
-        points_cfg, settings = ctx.cfg.points, ctx.cfg.latent
-        started = last = time.perf_counter()
-        seconds: dict[str, float] = {}
+        cfg = ctx.cfg
+        prediction, masks, sources = latent_inputs(ctx)
+        points_cfg, settings = cfg.points, cfg.latent
+        device = resolve_device(cfg.device, ctx.job.num)
+        last = time.perf_counter()
 
         def lap(step: str) -> None:
             nonlocal last
             now = time.perf_counter()
-            seconds[step], last = round(now - last, 3), now
+            ctx.timings[f"latent.{step}"], last = round(now - last, 3), now
 
         cloud = scene_points(
             prediction.depth, prediction.conf, prediction.frames, prediction.intrinsics,
-            prediction.extrinsics, points_cfg, self.scale_mode, sky=prediction.sky,
-            dynamic_prob=None if masks is None else masks.soft,
+            prediction.extrinsics, points_cfg, points_cfg.scale_mode(cfg.model.name),
+            sky=prediction.sky, dynamic_prob=None if masks is None else masks.soft,
             dynamic=None if masks is None else masks.binary)
         lap("points")
-        encoder = None if settings.encoder == "none" else build_encoder(settings, self.device)
+        encoder = None if settings.encoder == Encoder.none else build_encoder(settings, device)
         lap("encoder_build")
         latent = scene_latent(cloud, prediction.extrinsics, prediction.intrinsics, settings,
-                              self.device, encoder, points_cfg.max_per_frame, points_cfg.seed)
+                              device, encoder, points_cfg.max_per_frame, points_cfg.seed)
         latent.meta["sources"] = sources
         lap("tokens")
         write_latent(ctx.out_dir / OUTPUT, latent, SAVE_DTYPES[settings.save_dtype])
@@ -642,14 +612,10 @@ class LatentStage:
         lap("write")
         report = {**latent.meta, "dynamic_tokens": int((latent.aggregates.dynamic > 0.5).sum()),
                   "pixels_in_tokens": int((latent.pixel_voxel >= 0).sum()),
-                  "seconds": round(time.perf_counter() - started, 3),
-                  "seconds_by_step": seconds,
-                  "device": str(self.device)}
-        atomic_write(ctx.out_dir / REPORT,
-                     lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
-        log.info("latent: %d tokens x %d channels from %d points (%s encoder), %.1f s",
-                 report["tokens"], report["channels"], report["points"], report["encoder"],
-                 report["seconds"])
+                  "device": device.type}
+        write_json(ctx.out_dir / REPORT, report)
+        log.info("latent: %d tokens x %d channels from %d points (%s encoder)",
+                 report["tokens"], report["channels"], report["points"], report["encoder"])
         self.load(ctx)
 
     def load(self, ctx) -> None:

@@ -1,17 +1,17 @@
 """The masks stage: fused dynamic map (patch grid) → soft map and binary masks per frame.
 
-Steps, each from config (``masks``): optional k-means cluster smoothing over the last block's
-patch features (VGGT4D), temporal / spatial Gaussian smoothing of the patch map, upsampling to
-the processed frame (bilinear, or a guided filter with the grey / RGB / RGB-D frame as guide)
-with optional grey morphology before and after it, then binarisation (adaptive multi-Otsu per
-sequence as VGGT4D, Otsu per frame, a fixed threshold, hysteresis, or the mean of the strong
-values) and the user's guards that empty frames with a weak map.
+Steps, each from config (``masks``): optional k-means cluster smoothing over patch features
+(VGGT4D: the encoder's tokens, 64 clusters, seed 42, every frame rescaled to [0, 1] after),
+temporal / spatial Gaussian smoothing of the patch map, upsampling to the processed frame
+(bilinear, or a guided filter with the grey / RGB / RGB-D frame as guide) with optional grey
+morphology before and after it, then binarisation (adaptive multi-Otsu per sequence as VGGT4D,
+Otsu per frame, a fixed threshold, hysteresis, or the mean of the strong values) and the guards
+of the AnyDynamics research scripts that empty frames with a weak map.
 Masks are at the processing resolution, like ``prediction.npz``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 
@@ -20,8 +20,11 @@ import torch
 from PIL import Image
 
 from vggt4d import postprocess
-from vggt4d.io import atomic_write
-from vggt4d.stage import UncachedStage
+from vggt4d.config.masks import KMeansFeatures, MasksConfig, Upsample
+from vggt4d.config.model import ModelConfig
+from vggt4d.errors import UserError
+from vggt4d.io import atomic_write, read_safetensors, write_json, write_safetensors
+from vggt4d.stage import ForwardTap, Stage
 
 log = logging.getLogger(__name__)
 
@@ -55,36 +58,57 @@ def grey_morphology(soft: np.ndarray, steps: list[str]) -> np.ndarray:
     return soft
 
 
-def soft_masks(dynamic: np.ndarray, frames: np.ndarray, depth: np.ndarray, cfg,
-               features: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
-    """Patch-level map (T, h, w) → frame-level soft map (T, H, W) following ``cfg`` (masks):
-    k-means smoothing, temporal and spatial Gaussians (patch level, before upsampling, where
-    they commute with the bilinear step), upsampling, grey morphology around the guided filter.
+def soft_masks(dynamic: np.ndarray, frames: np.ndarray, depth: np.ndarray,
+               settings: MasksConfig, features: np.ndarray | None = None) -> np.ndarray:
+    """The masks stage's recipe: patch-level map (T, h, w) → frame-level soft map (T, H, W).
+
+    In order, each step as ``settings`` says: k-means smoothing over ``features`` (T, h, w, C)
+    and the per-frame rescale after it; temporal and spatial Gaussians (patch level, before
+    upsampling, where they commute with the bilinear step); bilinear upsampling; grey morphology;
+    the guided filter; grey morphology again.
     """
-    if cfg.kmeans and features is not None:
-        dynamic = postprocess.kmeans_smooth(dynamic, features, cfg.kmeans_clusters, seed)
-    if cfg.temporal_sigma > 0:
-        dynamic = postprocess.temporal_gaussian(dynamic, cfg.temporal_sigma)
-    if cfg.spatial_sigma > 0:
-        dynamic = postprocess.spatial_gaussian(dynamic, cfg.spatial_sigma, SPATIAL_TRUNCATE)
+    if settings.kmeans and features is not None:
+        dynamic = postprocess.kmeans_smooth(dynamic, features, settings.kmeans_clusters,
+                                            settings.kmeans_seed)
+        if settings.kmeans_rescale:
+            dynamic = postprocess.rescale_frames(dynamic)
+    if settings.temporal_sigma > 0:
+        dynamic = postprocess.temporal_gaussian(dynamic, settings.temporal_sigma)
+    if settings.spatial_sigma > 0:
+        dynamic = postprocess.spatial_gaussian(dynamic, settings.spatial_sigma, SPATIAL_TRUNCATE)
     soft = grey_morphology(postprocess.upsample_bilinear(dynamic, frames.shape[1:3]),
-                           cfg.morph_before)
-    if cfg.upsample == "guided":
-        radius = max(1, round(cfg.guided_radius * max(frames.shape[1:3])))
-        guide = postprocess.guide_from_frames(frames, depth, cfg.guide)
-        soft = postprocess.guided_filter(guide, soft, radius, cfg.guided_eps)
-    return grey_morphology(soft, cfg.morph_after).astype(np.float32)
+                           settings.morph_before)
+    if settings.upsample == Upsample.guided:
+        radius = max(1, round(settings.guided_radius * max(frames.shape[1:3])))
+        guide = postprocess.guide_from_frames(frames, depth, settings.guide)
+        soft = postprocess.guided_filter(guide, soft, radius, settings.guided_eps)
+    return grey_morphology(soft, settings.morph_after).astype(np.float32)
 
 
-def empty_weak_frames(binary: np.ndarray, soft: np.ndarray, cfg) -> list[int]:
-    """Clear (in place) the masks of frames whose soft map is weak; returns their indices."""
+def empty_weak_frames(binary: np.ndarray, soft: np.ndarray, below_mean: float,
+                      below_max: float) -> list[int]:
+    """Clear (in place) the masks of frames whose soft map averages below ``below_mean`` or
+    never reaches ``below_max``; returns their indices."""
     flat = soft.reshape(len(soft), -1)
-    weak = (flat.mean(axis=1) < cfg.empty_below_mean) | (flat.max(axis=1) < cfg.empty_below_max)
+    weak = (flat.mean(axis=1) < below_mean) | (flat.max(axis=1) < below_max)
     binary[weak] = False
     return np.flatnonzero(weak).tolist()
 
 
-class MasksStage(UncachedStage):
+def feature_block(model: ModelConfig, features: str) -> int:
+    """The block whose output patch tokens k-means clusters: the last per-frame block before
+    ``alt_start`` (``encoder``: DA3's counterpart of the DINO-encoder output VGGT4D clusters)
+    or the last block."""
+    if features == KMeansFeatures.last_block:
+        return model.num_blocks - 1
+    if model.alt_start < 1:
+        raise UserError(f"masks.kmeans_features=encoder needs a model with alternating "
+                        f"attention; {model.name} has none: use masks.kmeans_features="
+                        f"last_block")
+    return model.alt_start - 1
+
+
+class MasksStage(Stage):
     """Maps → ``masks/dynamic_{t:04d}.png`` (0/255), ``masks/soft_{t:04d}.png`` and the
     thresholds used in ``masks/binarize.json``."""
 
@@ -92,15 +116,15 @@ class MasksStage(UncachedStage):
     requires = ("maps", "prediction")
     provides = ("masks",)
 
-    def forward_tap(self, ctx):
-        """With ``masks.kmeans``: the last block's output patch tokens, (T, h, w, C) float16."""
+    def check(self, ctx) -> None:
+        if ctx.cfg.masks.kmeans:
+            feature_block(ctx.cfg.model, ctx.cfg.masks.kmeans_features)
+
+    def forward_tap(self, ctx) -> ForwardTap | None:
+        """With ``masks.kmeans``: the chosen block's output patch tokens, (T, h, w, C) float16."""
         if not ctx.cfg.masks.kmeans:
             return None
-        from safetensors.torch import save_file
-
-        from vggt4d.pipeline import ForwardTap
-
-        last = ctx.cfg.model.num_blocks - 1
+        block = feature_block(ctx.cfg.model, ctx.cfg.masks.kmeans_features)
         kept: dict[str, torch.Tensor] = {}
         start = ctx.cfg.model.patch_start_idx
 
@@ -110,27 +134,24 @@ class MasksStage(UncachedStage):
             kept["features"] = patches.reshape(len(patches), *grid, -1).half().cpu()
 
         def save(out_dir) -> None:
-            atomic_write(out_dir / FEATURES_FILE,
-                         lambda tmp: save_file({k: v.contiguous() for k, v in kept.items()},
-                                               str(tmp)))
+            write_safetensors(out_dir / FEATURES_FILE, kept, {"block": block})
 
-        return ForwardTap(key={"patch_features": last}, files=(FEATURES_FILE,), save=save,
-                          on_tokens=keep, token_layers=frozenset({last}))
+        return ForwardTap(key={"patch_features": block}, files=(FEATURES_FILE,), save=save,
+                          on_tokens=keep, token_layers=frozenset({block}))
 
     def run(self, ctx) -> None:
-        cfg = ctx.cfg.masks
+        settings = ctx.cfg.masks
         prediction = ctx.artifacts["prediction"]
         dynamic = ctx.artifacts["maps"].dynamic.numpy()
         features = None
-        if cfg.kmeans:
-            from safetensors.torch import load_file
-
-            features = load_file(str(ctx.out_dir / FEATURES_FILE))["features"].float().numpy()
-        soft = soft_masks(dynamic, prediction.frames, prediction.depth, cfg, features,
-                          ctx.cfg.seed)
-        binary, thresholds = postprocess.binarize(soft, cfg.binarize, threshold=cfg.threshold,
-                                                  low=cfg.low, high=cfg.high)
-        thresholds["emptied_frames"] = empty_weak_frames(binary, soft, cfg)
+        if settings.kmeans:
+            features = read_safetensors(ctx.out_dir / FEATURES_FILE)["features"].float().numpy()
+        soft = soft_masks(dynamic, prediction.frames, prediction.depth, settings, features)
+        binary, thresholds = postprocess.binarize(soft, settings.binarize,
+                                                  threshold=settings.threshold,
+                                                  low=settings.low, high=settings.high)
+        thresholds["emptied_frames"] = empty_weak_frames(
+            binary, soft, settings.empty_below_mean, settings.empty_below_max)
         folder = ctx.out_dir / "masks"
         for t in range(len(binary)):
             write_mask_png(folder / f"dynamic_{t:04d}.png", binary[t])
@@ -138,8 +159,7 @@ class MasksStage(UncachedStage):
             atomic_write(folder / f"soft_{t:04d}.png",
                          lambda tmp, image=soft_png: image.save(tmp, format="PNG",
                                                                 compress_level=1))
-        atomic_write(folder / "binarize.json",
-                     lambda tmp: tmp.write_text(json.dumps(thresholds, indent=2) + "\n"))
+        write_json(folder / "binarize.json", thresholds)
         ctx.artifacts["masks"] = DynamicMasks(soft, binary, thresholds)
-        log.info("masks: %s, %.1f%% of pixels dynamic -> %s", cfg.binarize,
+        log.info("masks: %s, %.1f%% of pixels dynamic -> %s", settings.binarize,
                  100 * binary.mean(), folder)

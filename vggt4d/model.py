@@ -21,7 +21,7 @@ from depth_anything_3.registry import MODEL_REGISTRY
 from safetensors.torch import load_file
 from torch import nn
 
-from vggt4d.config import ModelConfig
+from vggt4d.config.model import ModelConfig
 from vggt4d.errors import UserError
 from vggt4d.hook import hooked_backbone, hooked_net, is_global_block
 

@@ -23,11 +23,11 @@ import numpy as np
 from torch import Tensor
 
 from vggt4d.cache import content_key
-from vggt4d.config import band_layers
+from vggt4d.config.model import band_layers
 from vggt4d.gram import PAIRS, STATS, stat_key
 from vggt4d.maps import CUES, EASI3R_MAPS, normalize, per_frame_maps
 from vggt4d.postprocess import spatial_gaussian, upsample_bilinear
-from vggt4d.stage import UncachedStage
+from vggt4d.stage import Stage
 from vggt4d.viz import colorize, contact_sheet, overlay_mask, write_png, write_video
 
 log = logging.getLogger(__name__)
@@ -101,28 +101,23 @@ def _layers_in(stats: dict[str, Tensor]) -> list[int]:
     return sorted({int(key.rsplit(".L", 1)[1]) for key in stats if key.startswith("qk.mean.L")})
 
 
-class LayerPicturesStage:
+class LayerPicturesStage(Stage):
     """Per-layer Easi3R map series, contact sheets and their videos (cached across sweeps)."""
 
     name = "layer_viz"
     requires = ("gram_stats", "maps", "prediction")
     provides = ("layer_pictures",)
-    files: tuple[str, ...] = ()
 
-    def check(self, ctx) -> None:
-        """Layers and fps are checked with the config."""
-
-    def _plan(self, ctx) -> tuple[list[int], list[int]]:
+    @staticmethod
+    def _plan(ctx) -> tuple[list[int], list[int]]:
         stats = ctx.artifacts["gram_stats"]
         frames = len(ctx.artifacts["prediction"].frames)
-        layers = [i for i in picture_layers(ctx.cfg.viz.layers, ctx.cfg.model.bands)
+        layers = [i for i in picture_layers(ctx.cfg.viz.layers, ctx.cfg.bands)
                   if i in _layers_in(stats)]
         return layers, sheet_frames(ctx.cfg.viz.sheet_frames, frames)
 
-    def cache_key(self, ctx) -> str:
-        """Statistics file, frame size, normalisation and picture settings; sets ``files`` (the
-        list depends on the clip's length)."""
-        cfg = ctx.cfg
+    def outputs(self, ctx) -> tuple[str, ...]:
+        """The files depend on the clip's length and on which statistics exist."""
         layers, sheets = self._plan(ctx)
         frames = len(ctx.artifacts["prediction"].frames)
         stats = ctx.artifacts["gram_stats"]
@@ -131,10 +126,15 @@ class LayerPicturesStage:
         files = [f"maps/layer_{layer:02d}_frame{t:03d}_{name}.png"
                  for layer in layers for name in EASI3R_MAPS for t in range(frames)]
         files += [f"contact/frame{t:03d}_{name}.png" for t in sheets for name in sheet_names]
-        if cfg.viz.videos:
+        if ctx.cfg.viz.videos:
             files += [f"videos/maps/layer_{layer:02d}_{name}.mp4"
                       for layer in layers for name in EASI3R_MAPS]
-        self.files = tuple(files)
+        return tuple(files)
+
+    def cache_key(self, ctx) -> str:
+        """Statistics file, frame size, normalisation and picture settings."""
+        cfg = ctx.cfg
+        layers, sheets = self._plan(ctx)
         statistics = hashlib.sha256((ctx.out_dir / "gram_stats.safetensors").read_bytes())
         return content_key(statistics.hexdigest(), ctx.artifacts["prediction"].frames.shape,
                            cfg.maps.normalize, list(cfg.maps.percentiles),
@@ -156,16 +156,15 @@ class LayerPicturesStage:
         self.load(ctx)
 
     def load(self, ctx) -> None:
-        ctx.artifacts["layer_pictures"] = [ctx.out_dir / name for name in self.files]
+        ctx.artifacts["layer_pictures"] = [ctx.out_dir / name for name in self.outputs(ctx)]
 
 
-class PicturesStage(UncachedStage):
+class PicturesStage(Stage):
     """Cue, fused-map and overlay series with their videos (the per-layer ones come from
     :class:`LayerPicturesStage`)."""
 
     name = "viz"
     requires = ("maps", "masks", "prediction", "layer_pictures")
-    provides: tuple[str, ...] = ()
 
     def run(self, ctx) -> None:
         cfg = ctx.cfg.viz

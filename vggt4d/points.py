@@ -37,12 +37,11 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from vggt4d.cameras import backproject, camera_centres
+from vggt4d.config.points import PointsConfig, Up
 from vggt4d.errors import UserError
 
 log = logging.getLogger(__name__)
 
-SCALES = ("auto", "metric", "median_depth", "raw")
-UP_AXES = ("z", "cameras", "none")
 PLANAR_RIGHT_VECTORS = 0.005
 """Second / largest eigenvalue of the cameras' right-vector scatter above which they span a
 plane (a heading spread of about 4° standard deviation), whose normal is then the vertical..."""
@@ -51,71 +50,9 @@ FLAT_RIGHT_VECTORS = 0.1
 lie close to that plane: roll noise small against the heading spread)."""
 MAX_TILT_FROM_CAMERAS_DEG = 45.0
 """... and the normal lies within this angle of the cameras' mean up vector."""
-METRIC_MODELS = ("da3nested-giant-large",)
-"""Models whose depth is in metres (the nested model scales its any-view depth by the metric
-branch; da3metric-large alone has no camera head)."""
 
 #: ``R_up``: OpenCV (x right, y down, z forward) → z up, a −90° rotation about x.
 Y_DOWN_TO_Z_UP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
-
-
-@dataclass
-class PointsSettings:
-    """``points.*``: which pixels become points and in which frame (see the module docstring)."""
-
-    conf_percentile: float = 5.0
-    """Drop pixels whose DA3 confidence is below this percentile of the clip's (0 = keep all)."""
-    sky_threshold: float = 0.3
-    """Drop pixels whose sky probability is ≥ this (DA3's own threshold); models without a sky
-    head keep every pixel."""
-    max_depth: float = 0.0
-    """Drop pixels whose DA3 depth is not below this (in DA3's depth units, before scaling; the
-    token script's 50); 0 = no limit."""
-    max_per_frame: int = 0
-    """Seeded random subsample of at most this many points per frame builds the voxels (the
-    token script's 50000); 0 = all. Every kept pixel still gets its voxel index."""
-    scale: str = "auto"
-    """metric | median_depth | auto (metric for metric models, else median_depth) | raw (DA3's
-    own depth units, unscaled, as the token script used them)."""
-    median_depth: float = 2.0
-    """Median depth in metres after ``scale=median_depth``."""
-    up: str = "z"
-    """z: rotate DA3's OpenCV world to z-up (Concerto's convention; right when the first camera
-    is upright); cameras: the vertical estimated from all cameras (:func:`camera_vertical`);
-    none: keep DA3's world."""
-    normals: bool = True
-    """Estimate normals from the depth map; false = zero normals (the token script's choice)."""
-    normal_max_jump: float = 0.05
-    """No normal where a neighbour's depth differs by more than this fraction."""
-    seed: int = 0
-
-    def validate(self) -> None:
-        if not 0 <= self.conf_percentile < 100:
-            raise UserError(f"points.conf_percentile={self.conf_percentile} must be in [0, 100)")
-        if not 0 < self.sky_threshold <= 1:
-            raise UserError(f"points.sky_threshold={self.sky_threshold} must be in (0, 1]")
-        if not self.max_depth >= 0:
-            raise UserError(f"points.max_depth={self.max_depth} must be >= 0 (0 = no limit)")
-        if self.max_per_frame < 0:
-            raise UserError(f"points.max_per_frame={self.max_per_frame} must be >= 0 (0 = all)")
-        if self.scale not in SCALES:
-            raise UserError(f"points.scale='{self.scale}' is not one of {', '.join(SCALES)}")
-        if not self.median_depth > 0:
-            raise UserError(f"points.median_depth={self.median_depth} must be > 0 (metres)")
-        if self.up not in UP_AXES:
-            raise UserError(f"points.up='{self.up}' is not one of {', '.join(UP_AXES)}")
-        if not self.normal_max_jump > 0:
-            raise UserError(f"points.normal_max_jump={self.normal_max_jump} must be > 0")
-
-    def scale_mode(self, model_name: str) -> str:
-        """The scale actually used for ``model_name`` (``auto`` resolved)."""
-        metric = model_name in METRIC_MODELS
-        if self.scale == "auto":
-            return "metric" if metric else "median_depth"
-        if self.scale == "metric" and not metric:
-            raise UserError(f"points.scale=metric needs a metric model ({', '.join(METRIC_MODELS)}"
-                            f"); {model_name}'s depth has no unit: use points.scale=median_depth")
-        return self.scale
 
 
 @dataclass
@@ -166,7 +103,7 @@ class PointCloud:
 
 
 def keep_mask(depth: np.ndarray, conf: np.ndarray, sky: np.ndarray | None,
-              settings: PointsSettings) -> np.ndarray:
+              settings: PointsConfig) -> np.ndarray:
     """(T, H, W) bool: finite positive depth (below ``max_depth`` when set), confidence ≥ the
     clip's ``conf_percentile``-th percentile (over valid-depth pixels), sky probability
     < ``sky_threshold``."""
@@ -250,8 +187,7 @@ def world_to_scene(scale: float, up: str, extrinsics: np.ndarray | None = None) 
     """(4, 4) similarity ``X_scene = s · R_up · X_world``: ``R_up`` = :data:`Y_DOWN_TO_Z_UP` for
     ``up=z``, :func:`camera_vertical` of ``extrinsics`` for ``up=cameras``, identity for
     ``up=none``."""
-    if up not in UP_AXES:
-        raise UserError(f"points.up='{up}' is not one of {', '.join(UP_AXES)}")
+    up = Up(up)
     rotation = camera_vertical(extrinsics) if up == "cameras" else (
         Y_DOWN_TO_Z_UP if up == "z" else np.eye(3))
     transform = np.eye(4)
@@ -260,7 +196,7 @@ def world_to_scene(scale: float, up: str, extrinsics: np.ndarray | None = None) 
 
 
 def scene_points(depth: np.ndarray, conf: np.ndarray, frames: np.ndarray,
-                 intrinsics: np.ndarray, extrinsics: np.ndarray, settings: PointsSettings,
+                 intrinsics: np.ndarray, extrinsics: np.ndarray, settings: PointsConfig,
                  scale_mode: str, sky: np.ndarray | None = None,
                  dynamic_prob: np.ndarray | None = None,
                  dynamic: np.ndarray | None = None) -> PointCloud:
@@ -269,7 +205,7 @@ def scene_points(depth: np.ndarray, conf: np.ndarray, frames: np.ndarray,
     ``depth``, ``conf``, ``sky``, ``dynamic_prob`` (float) and ``dynamic`` (bool) are
     (T, H, W), ``frames`` (T, H, W, 3) uint8, ``intrinsics`` (T, 3, 3) in pixels of those
     frames, ``extrinsics`` (T, 3, 4) world-to-camera; ``scale_mode`` from
-    :meth:`PointsSettings.scale_mode`. Raises :class:`UserError` when no pixel is kept.
+    :meth:`PointsConfig.scale_mode`. Raises :class:`UserError` when no pixel is kept.
     """
     num_frames, height, width = depth.shape
     for name, array in (("frames", frames), ("conf", conf), ("sky", sky),

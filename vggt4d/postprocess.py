@@ -486,6 +486,18 @@ def kmeans_smooth(dyn: np.ndarray, features: np.ndarray, clusters: int = 64,
     return means[labels].reshape(dyn_array.shape).astype(np.float32)
 
 
+def rescale_frames(maps: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Each frame min–max rescaled, ``(x − min) / (max − min + eps)``; (T, h, w) → float32.
+
+    VGGT4D's code applies it after k-means smoothing, before upsampling and the sequence-wide
+    multi-Otsu threshold: frames with different maxima are put on one scale first.
+    """
+    array = _maps3(maps).astype(np.float64)
+    low = array.min(axis=(1, 2), keepdims=True)
+    high = array.max(axis=(1, 2), keepdims=True)
+    return ((array - low) / (high - low + eps)).astype(np.float32)
+
+
 def morphology(masks: np.ndarray, op: str, size: int) -> np.ndarray:
     """Binary (bool input) or grey-scale (float input) morphology of each frame with a
     size×size square; (T, H, W) → the input's kind (bool or float32).

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from vggt4d import __version__
 from vggt4d.cache import content_key
-from vggt4d.frames import normalize
+from vggt4d.frames import normalize, probe_clip
 from vggt4d.hook import (
     PATCH_SIZE,
     BlockQK,
@@ -37,7 +37,7 @@ from vggt4d.hook import (
     capture_attention,
     hooked_backbone,
 )
-from vggt4d.io import atomic_write
+from vggt4d.io import write_npz
 from vggt4d.model import (
     build_network,
     check_depth_table,
@@ -47,7 +47,7 @@ from vggt4d.model import (
     parameter_count,
     resolve_weights,
 )
-from vggt4d.pipeline import ForwardTap, forward_taps
+from vggt4d.pipeline import forward_taps
 from vggt4d.resources import (
     GIB,
     available_bytes,
@@ -56,6 +56,7 @@ from vggt4d.resources import (
     resolve_device,
     resolve_dtype,
 )
+from vggt4d.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +78,7 @@ class Prediction:
     def save(self, path: Path) -> Path:
         arrays = {name: value for name in ("depth", "frames", *OPTIONAL_OUTPUTS)
                   if (value := getattr(self, name)) is not None}
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as handle:
-                np.savez(handle, grid=np.asarray(self.grid, np.int64), **arrays)
-
-        return atomic_write(path, write)
+        return write_npz(path, {"grid": np.asarray(self.grid, np.int64), **arrays})
 
     @classmethod
     def load(cls, path: Path) -> Prediction:
@@ -202,21 +198,29 @@ def forward_identity(ctx, frames: np.ndarray, device: torch.device,
             __version__]
 
 
+def check_clip_memory(ctx, empty: nn.Module, num_frames: int, size: tuple[int, int],
+                      dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse a forward of ``num_frames`` frames of ``size = (H, W)`` that does not fit the
+    device (or ``memory_limit_gb``), from the estimate alone; ``empty`` is the network built
+    on the meta device."""
+    model = ctx.cfg.model
+    height, width = size
+    estimate = estimate_forward_memory(
+        num_params=parameter_count(empty), frames=num_frames, height=height, width=width,
+        embed_dim=depth_table(empty, model.hooked_network)["embed_dim"],
+        head_features=head_features(model.name), dtype=dtype,
+    )
+    limit = ctx.cfg.memory_limit_gb * GIB if ctx.cfg.memory_limit_gb else available_bytes(device)
+    check_memory(estimate, int(limit), f"{model.name} on {num_frames} frames at {width}x{height}")
+
+
 def prepare_network(ctx, frames: np.ndarray, device: torch.device, dtype: torch.dtype,
                     what: str) -> nn.Module:
     """Refuse clips that do not fit the device (before loading anything), then build the
     network with its weights on ``device``."""
     model = ctx.cfg.model
-    empty = build_network(model.name, empty=True)
-    estimate = estimate_forward_memory(
-        num_params=parameter_count(empty), frames=len(frames),
-        height=frames.shape[1], width=frames.shape[2],
-        embed_dim=depth_table(empty, model.hooked_network)["embed_dim"],
-        head_features=head_features(model.name), dtype=dtype,
-    )
-    limit = ctx.cfg.memory_limit_gb * GIB if ctx.cfg.memory_limit_gb else available_bytes(device)
-    check_memory(estimate, int(limit),
-                 f"{model.name} on {len(frames)} frames at {frames.shape[2]}x{frames.shape[1]}")
+    check_clip_memory(ctx, build_network(model.name, empty=True), len(frames),
+                      frames.shape[1:3], dtype, device)
     weights_path = resolve_weights(model.weights)
     torch.manual_seed(ctx.cfg.seed)
     net = build_network(model.name)
@@ -227,38 +231,51 @@ def prepare_network(ctx, frames: np.ndarray, device: torch.device, dtype: torch.
     return net.to(device)
 
 
-class PredictStage:
+def job_device(ctx) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype this job's forwards run on (``device``/``dtype`` resolved; sweep
+    job n takes GPU n mod count)."""
+    device = resolve_device(ctx.cfg.device, ctx.job.num)
+    return device, resolve_dtype(ctx.cfg.dtype, device)
+
+
+class PredictStage(Stage):
     """DA3 forward on the processed frames → ``prediction.npz`` (cached by inputs and model)."""
 
     name = "predict"
     requires = ("processed_frames",)
     provides = ("prediction",)
-    files: tuple[str, ...] = ("prediction.npz",)
 
     def check(self, ctx) -> None:
-        """Depth table against the network (built empty), device and dtype, and the taps that
-        later stages put into the forward (their files join this stage's cached outputs)."""
+        """Depth table against the network (built empty), device and dtype, and whether the
+        clip fits the device — from the frames' metadata, before any frame is decoded."""
         model = ctx.cfg.model
-        check_depth_table(model, build_network(model.name, empty=True))
-        self.device = resolve_device(ctx.cfg.device, ctx.job.num)
-        self.dtype = resolve_dtype(ctx.cfg.dtype, self.device)
-        self.taps: list[ForwardTap] = forward_taps(ctx)
-        self.files = ("prediction.npz", *(name for tap in self.taps for name in tap.files))
+        empty = build_network(model.name, empty=True)
+        check_depth_table(model, empty)
+        device, dtype = job_device(ctx)
+        info = probe_clip(ctx.cfg.data, ctx.cfg.process_res)
+        for tap in forward_taps(ctx):
+            if tap.check_frames is not None:
+                tap.check_frames(info.num_frames)
+        check_clip_memory(ctx, empty, info.num_frames, info.size, dtype, device)
+
+    def outputs(self, ctx) -> tuple[str, ...]:
+        """``prediction.npz`` and the files of the other stages' forward taps."""
+        return ("prediction.npz", *(name for tap in forward_taps(ctx) for name in tap.files))
 
     def cache_key(self, ctx) -> str:
         frames: np.ndarray = ctx.artifacts["processed_frames"]
-        return content_key(*forward_identity(ctx, frames, self.device, self.dtype),
-                           [tap.key for tap in self.taps])
+        device, dtype = job_device(ctx)
+        return content_key(*forward_identity(ctx, frames, device, dtype),
+                           [tap.key for tap in forward_taps(ctx)])
 
     def run(self, ctx) -> None:
         model = ctx.cfg.model
         frames: np.ndarray = ctx.artifacts["processed_frames"]
-        for tap in self.taps:
-            if tap.check_frames is not None:
-                tap.check_frames(len(frames))
-        net = prepare_network(ctx, frames, self.device, self.dtype, "predict")
-        qk_taps = [tap for tap in self.taps if tap.on_qk is not None]
-        token_taps = [tap for tap in self.taps if tap.on_tokens is not None]
+        device, dtype = job_device(ctx)
+        taps = forward_taps(ctx)
+        net = prepare_network(ctx, frames, device, dtype, "predict")
+        qk_taps = [tap for tap in taps if tap.on_qk is not None]
+        token_taps = [tap for tap in taps if tap.on_tokens is not None]
 
         def on_qk(capture: BlockQK) -> None:
             for tap in qk_taps:
@@ -271,7 +288,7 @@ class PredictStage:
                     tap.on_tokens(tokens)
 
         prediction = run_forward(
-            net, frames, device=self.device, dtype=self.dtype,
+            net, frames, device=device, dtype=dtype,
             hooked_network=model.hooked_network, ref_view_strategy=model.ref_view_strategy,
             on_qk=on_qk if qk_taps else None,
             qk_layers=sorted(set().union(*(tap.qk_layers for tap in qk_taps))),
@@ -279,7 +296,7 @@ class PredictStage:
             token_layers=sorted(set().union(*(tap.token_layers for tap in token_taps))),
         )
         prediction.save(ctx.out_dir / "prediction.npz")
-        for tap in self.taps:
+        for tap in taps:
             tap.save(ctx.out_dir)
         ctx.artifacts["prediction"] = prediction
 

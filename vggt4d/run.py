@@ -2,7 +2,10 @@
 
 User errors (bad paths, bad values, inputs that do not fit) print one ``error:`` line and exit
 with status 2; a job that failed before writing any result leaves no job directory behind, one
-that failed later keeps what it wrote and ends its ``run.log`` with the error.
+that failed later keeps what it wrote and ends its ``run.log`` with the error. In a multirun the
+job returns a :class:`vggt4d.sweeps.JobFailure` instead of exiting (launchers record returns,
+not exits) and an unexpected exception is logged with its traceback to ``run.log`` and raised
+to Hydra; the sweeper names every failed job at the end.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import logging
 import shutil
 import sys
 from pathlib import Path
+from types import TracebackType
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -21,8 +25,10 @@ from vggt4d.cache import Cache
 from vggt4d.config import validate
 from vggt4d.errors import UserError
 from vggt4d.evaluate import EvalStage
+from vggt4d.export.stage import ExportStage
 from vggt4d.frames import FramesStage
 from vggt4d.gram import GramStage
+from vggt4d.io import write_json
 from vggt4d.latent import LatentStage
 from vggt4d.maps import MapsStage
 from vggt4d.masks import MasksStage
@@ -31,17 +37,22 @@ from vggt4d.pipeline import Context, JobInfo, execute, resolve
 from vggt4d.predict import PredictStage
 from vggt4d.refine import RefineStage
 from vggt4d.second_pass import SecondPassStage
+from vggt4d.stage import Stage
+from vggt4d.sweeps import JobFailure
 from vggt4d.tracking import TrackingStage, wait_for_logging
 
 log = logging.getLogger("vggt4d")
 
-STAGES: dict[str, type] = {
+STAGES: dict[str, type[Stage]] = {
     stage.name: stage
-    for stage in (FramesStage, PredictStage, GramStage, MapsStage, MasksStage, RefineStage,
-                  SecondPassStage, LayerPicturesStage, PicturesStage, EvalStage, LatentStage,
-                  TrackingStage)
+    for stage in (FramesStage, PredictStage, GramStage, MapsStage, MasksStage, SecondPassStage,
+                  RefineStage, LayerPicturesStage, PicturesStage, EvalStage, LatentStage,
+                  ExportStage, TrackingStage)
 }
-"""Every stage the runner can compose, by the name used in ``pipeline``."""
+"""Every stage the runner can compose, by the name used in ``pipeline``, in the order stages
+run when nothing they read decides it."""
+
+TIMINGS = "timings.json"
 
 HYDRA_BOOKKEEPING = (".hydra", "run.log")
 
@@ -54,21 +65,25 @@ def remove_if_no_results(out_dir: Path) -> bool:
     return True
 
 
-def log_to_file_only(message: str) -> None:
-    """Append an error record to the job's ``run.log`` (Hydra's file handler) without repeating
-    it on the console, where the ``error:`` line already stands."""
-    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+def log_to_file_only(message: str,
+                     exc_info: tuple[type[BaseException], BaseException, TracebackType] | None
+                     = None) -> None:
+    """Append an error record (with ``exc_info``'s traceback) to the job's ``run.log`` (Hydra's
+    file handler) without repeating it on the console, where the ``error:`` line already stands."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, exc_info)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
 
 
 def run_job(cfg: DictConfig, out_dir: Path, job: JobInfo | None = None) -> Context:
-    """Validate ``cfg`` and run its pipeline into ``out_dir``."""
+    """Validate ``cfg`` and run its pipeline into ``out_dir``; the seconds each stage took go
+    to ``timings.json`` (the one result file that differs between identical runs)."""
     run = validate(cfg)
     cache = Cache(Path(run.cache_dir).expanduser().absolute())
     ctx = Context(run, out_dir, cache, job=job or JobInfo())
-    execute(resolve(run.pipeline, STAGES), ctx)
+    execute(resolve(list(run.pipeline), STAGES, run), ctx)
+    write_json(out_dir / TIMINGS, ctx.timings)
     return ctx
 
 
@@ -91,19 +106,29 @@ def hydra_job() -> JobInfo:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+def main(cfg: DictConfig) -> JobFailure | None:
+    hydra_cfg = HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         run_job(cfg, out_dir, hydra_job())
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        if not remove_if_no_results(out_dir):
+        kept = not remove_if_no_results(out_dir)
+        if kept:
             log_to_file_only(f"error: {err} (files written before the error are kept)")
+        if multirun:
+            return JobFailure(tuple(hydra_cfg.overrides.task), str(err), kept)
         sys.exit(2)
+    except Exception:
+        if multirun:
+            log_to_file_only("error: the job failed", sys.exc_info())
+        raise
     finally:
         if not sequential_jobs_follow():
             wait_for_logging()
     print(f"outputs: {out_dir}")
+    return None
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The second masked DA3 pass (VGGT4D §3.4): the dynamic patches' keys and values are removed in
-the first blocks, so the cameras are estimated from the static scene.
+the first layers, so the cameras are estimated from the static scene.
 
 A patch is dynamic when any of its pixels is (VGGT4D, ``patch_rule=any``) or when more than
 ``area_fraction`` of them are (the user's grabcut script, ``area``). In the chosen blocks every
@@ -15,19 +15,19 @@ the per-frame pose difference between the passes in ``second_pass.json``.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 
 import numpy as np
 import torch
 
 from vggt4d.cache import content_key
+from vggt4d.config.second_pass import LayerRule
 from vggt4d.errors import UserError
 from vggt4d.geometry_metrics import pose_difference
 from vggt4d.hook import PATCH_SIZE, KeyMask
-from vggt4d.io import atomic_write
-from vggt4d.predict import Prediction, forward_identity, prepare_network, run_forward
-from vggt4d.resources import resolve_device, resolve_dtype
+from vggt4d.io import write_json
+from vggt4d.predict import Prediction, forward_identity, job_device, prepare_network, run_forward
+from vggt4d.stage import Stage
 from vggt4d.viz import colorize, side_by_side, write_png
 
 log = logging.getLogger(__name__)
@@ -58,58 +58,86 @@ def depth_comparison(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     return side_by_side([colorize(i, "turbo", low, max(high, low + 1e-6)) for i in inverse])
 
 
-class SecondPassStage:
-    """Rerun DA3 with the dynamic patches hidden in ``second_pass.layers`` (cached by masks).
+def hidden_blocks(layers: list[int], rule: str, alt_start: int, num_blocks: int) -> list[int]:
+    """DA3 blocks whose dynamic keys/values are hidden.
 
-    Uses the refined masks when the refine stage ran before it, else the coarse masks."""
+    ``rule=vggt``: ``layers`` are VGGT aggregator layers, each a per-frame *and* a global
+    attention block; DA3 alternates the two from ``alt_start`` on (even per-frame, odd global),
+    so VGGT layer i ↦ DA3 blocks alt_start + 2i and alt_start + 2i + 1 (VGGT4D's layers 0–4 ↦
+    the first five global blocks and the per-frame blocks before each; DA3-giant: 13–22).
+    ``rule=blocks``: ``layers`` are DA3 blocks as they are.
+    """
+    if rule == LayerRule.blocks:
+        return sorted(set(layers))
+    if alt_start < 0:
+        raise UserError("second_pass.layer_rule=vggt needs a model with global attention "
+                        "blocks; use second_pass.layer_rule=blocks with DA3 block numbers")
+    blocks = sorted({alt_start + 2 * layer + offset for layer in layers for offset in (0, 1)})
+    if blocks[-1] >= num_blocks:
+        last = (num_blocks - alt_start) // 2 - 1
+        raise UserError(f"second_pass.layers={list(layers)}: this model has VGGT-style layers "
+                        f"0-{last} (blocks {alt_start}-{num_blocks - 1} in per-frame/global "
+                        f"pairs); use layers up to {last}")
+    return blocks
+
+
+def patch_mask_of(ctx) -> torch.Tensor:
+    """The (T, N) tokens to hide for this job: the coarse masks' dynamic patches."""
+    settings = ctx.cfg.second_pass
+    masks = ctx.artifacts["masks"].binary
+    prediction = ctx.artifacts["prediction"]
+    if masks.shape != prediction.depth.shape:
+        raise UserError(f"second pass: {masks.shape[0]} masks of {masks.shape[1:]} do not "
+                        f"match the prediction's {prediction.depth.shape[0]} frames of "
+                        f"{prediction.depth.shape[1:]}")
+    start = ctx.cfg.model.patch_start_idx
+    drop = patch_drop(masks, prediction.grid, start, settings.patch_rule,
+                      settings.area_fraction)
+    full = [t for t in range(len(drop)) if bool(drop[t, start:].all())]
+    if full:
+        log.warning("second pass: every patch of frame(s) %s is dynamic; only their special "
+                    "token stays attendable", full)
+    return drop
+
+
+def config_blocks(ctx) -> list[int]:
+    """:func:`hidden_blocks` of this job's settings and model."""
+    model, settings = ctx.cfg.model, ctx.cfg.second_pass
+    return hidden_blocks(list(settings.layers), settings.layer_rule, model.alt_start,
+                         model.num_blocks)
+
+
+class SecondPassStage(Stage):
+    """Rerun DA3 with the coarse masks' dynamic patches hidden (VGGT4D's order: the second pass
+    takes the coarse masks; refinement runs after it with its cameras). Cached by the masks."""
 
     name = "second_pass"
     requires = ("masks", "prediction", "processed_frames")
     provides = ("prediction_pass2",)
-    files = (OUTPUT,)
 
     def check(self, ctx) -> None:
-        cfg = ctx.cfg.second_pass
-        bad = [layer for layer in cfg.layers if not 0 <= layer < ctx.cfg.model.num_blocks]
-        if bad or not cfg.layers:
-            raise UserError(f"second_pass.layers={list(cfg.layers)} must be a non-empty list of "
-                            f"blocks 0-{ctx.cfg.model.num_blocks - 1}")
-        if cfg.patch_rule not in ("any", "area"):
-            raise UserError(f"second_pass.patch_rule='{cfg.patch_rule}' is not one of any, area")
-        if not 0 <= cfg.area_fraction < 1:
-            raise UserError(f"second_pass.area_fraction={cfg.area_fraction} must be in [0, 1)")
-        self.device = resolve_device(ctx.cfg.device, ctx.job.num)
-        self.dtype = resolve_dtype(ctx.cfg.dtype, self.device)
+        config_blocks(ctx)
+        job_device(ctx)
 
-    def _drop(self, ctx) -> torch.Tensor:
-        cfg = ctx.cfg.second_pass
-        masks = ctx.artifacts.get("refined_masks", ctx.artifacts["masks"]).binary
-        prediction = ctx.artifacts["prediction"]
-        if masks.shape != prediction.depth.shape:
-            raise UserError(f"second pass: {masks.shape[0]} masks of {masks.shape[1:]} do not "
-                            f"match the prediction's {prediction.depth.shape[0]} frames of "
-                            f"{prediction.depth.shape[1:]}")
-        drop = patch_drop(masks, prediction.grid, ctx.cfg.model.patch_start_idx, cfg.patch_rule,
-                          cfg.area_fraction)
-        full = [t for t in range(len(drop))
-                if bool(drop[t, ctx.cfg.model.patch_start_idx:].all())]
-        if full:
-            log.warning("second pass: every patch of frame(s) %s is dynamic; only their special "
-                        "token stays attendable in blocks %s", full, list(cfg.layers))
-        return drop
+    def outputs(self, ctx) -> tuple[str, ...]:
+        return (OUTPUT,)
 
     def cache_key(self, ctx) -> str:
         frames = ctx.artifacts["processed_frames"]
-        self.drop = drop = self._drop(ctx)
-        return content_key(*forward_identity(ctx, frames, self.device, self.dtype),
+        device, dtype = job_device(ctx)
+        drop = patch_mask_of(ctx)
+        return content_key(*forward_identity(ctx, frames, device, dtype),
                            hashlib.sha256(drop.numpy().tobytes()).hexdigest(),
-                           sorted(ctx.cfg.second_pass.layers))
+                           config_blocks(ctx))
 
     def run(self, ctx) -> None:
         frames = ctx.artifacts["processed_frames"]
-        key_mask = KeyMask(self.drop, frozenset(ctx.cfg.second_pass.layers))
-        net = prepare_network(ctx, frames, self.device, self.dtype, "second pass")
-        prediction = run_forward(net, frames, device=self.device, dtype=self.dtype,
+        device, dtype = job_device(ctx)
+        blocks = config_blocks(ctx)
+        key_mask = KeyMask(patch_mask_of(ctx), frozenset(blocks))
+        log.info("second pass: dynamic keys/values hidden in blocks %s", blocks)
+        net = prepare_network(ctx, frames, device, dtype, "second pass")
+        prediction = run_forward(net, frames, device=device, dtype=dtype,
                                  hooked_network=ctx.cfg.model.hooked_network,
                                  ref_view_strategy=ctx.cfg.model.ref_view_strategy,
                                  key_mask=key_mask)
@@ -129,6 +157,5 @@ class SecondPassStage:
             difference = pose_difference(first.extrinsics, second.extrinsics)
             log.info("second pass: mean pose change %.3f deg, %.4f (units of the scene)",
                      difference["mean_rotation_deg"], difference["mean_translation"])
-        atomic_write(ctx.out_dir / REPORT,
-                     lambda tmp: tmp.write_text(json.dumps(difference, indent=2) + "\n"))
+        write_json(ctx.out_dir / REPORT, difference)
         ctx.artifacts["prediction_pass2"] = second

@@ -30,7 +30,7 @@ import numpy as np
 
 from vggt4d.maps import CUES
 from vggt4d.postprocess import upsample_bilinear
-from vggt4d.stage import UncachedStage
+from vggt4d.stage import Stage
 from vggt4d.viz import colorize
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def frame_records(ctx) -> list[dict]:
                                          lambda t=t: masks.soft[t])
         record["metrics/area_fraction"] = area[t]
         for key in ("J", "F"):
-            if key in per_frame:
+            if key in per_frame and per_frame[key][t] is not None:  # None: frame not scored
                 record[f"metrics/{key}"] = per_frame[key][t]
         records.append(record)
     return records
@@ -178,12 +178,12 @@ def log_job(ctx) -> None:
         run.finish()
 
 
-class TrackingStage(UncachedStage):
+class TrackingStage(Stage):
     """Logs the job to W&B (``logger.kind=wandb``) after everything else; never fails the job."""
 
     name = "log"
     requires = ("maps", "masks", "metrics", "prediction")
-    provides: tuple[str, ...] = ()
+    optional = ("clip", "scene_latent")
 
     def run(self, ctx) -> None:
         if ctx.cfg.logger.kind == "none":

@@ -5,7 +5,7 @@
 * :mod:`~vggt4d.export.colmap` — a COLMAP model (pycolmap) beside images and masks;
 * :mod:`~vggt4d.export.nerfstudio` — nerfstudio's ``transforms.json`` with ``mask_path``;
 * :mod:`~vggt4d.export.files` — conventions, names, images and masks they share;
-* :mod:`~vggt4d.export.config` (``export.*``) and :mod:`~vggt4d.export.stage` (the stage).
+* :mod:`~vggt4d.config.export` (``export.*``) and :mod:`~vggt4d.export.stage` (the stage).
 
 The writers are pure functions of plain arrays; only the stage reads a run.
 """

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vggt4d.config.export import ColmapFormat
 from vggt4d.errors import UserError
-from vggt4d.export.config import ColmapFormat
 from vggt4d.export.files import shared_intrinsics, write_folder_files
 
 

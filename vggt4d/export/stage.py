@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 
-from vggt4d.export.config import ExportFormat
+from vggt4d.config.export import ExportFormat
 from vggt4d.stage import Stage
 
 log = logging.getLogger(__name__)

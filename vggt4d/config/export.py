@@ -30,7 +30,7 @@ class ColmapFormat(StrEnum):
 class ExportConfig:
     """Which exports the export stage writes and how (see :mod:`vggt4d.export`)."""
 
-    formats: list[ExportFormat] = field(default_factory=lambda: list(ExportFormat))
+    formats: list[ExportFormat] = field(default_factory=lambda: [ExportFormat.rerun])
     max_points_per_frame: int = 20_000
     """Points per frame in ``scene.rrd``: a seeded uniform subsample of the frame's pixels with
     depth that ``points.*`` keeps; 0 = every such pixel."""

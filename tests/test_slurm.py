@@ -115,6 +115,20 @@ def test_gpu_partition_plans_gpus_only_for_cuda_jobs():
                         needs(), GPU_NODES).gpus == 0
 
 
+def test_a_partition_whose_nodes_are_all_down_is_planned_with_a_warning(caplog):
+    down = [Node("debug", "a", 2, 24105, 0, "down*", None, True),
+            Node("debug", "b", 2, 24105, 0, "drained", None, True)]
+    with caplog.at_level(logging.WARNING, logger="vggt4d.cluster"):
+        assert plan_request(ClusterConfig(), needs(), down).cpus == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "no node of partition debug that can hold the jobs is up now (a: down*, b: drained); "
+        "they will wait until one is"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vggt4d.cluster"):
+        plan_request(ClusterConfig(), needs(), [*down, SMALL_NODE])
+    assert not caplog.records
+
+
 def test_unknown_memory_needs_fall_back_to_a_default_that_fits():
     request = plan_request(ClusterConfig(), needs(cpu_gib=None, cuda_gib=None), [SMALL_NODE])
     assert request.mem_gb == 8

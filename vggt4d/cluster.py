@@ -46,6 +46,9 @@ STUCK_REASONS = {
     "DependencyNeverSatisfied": "a job it depends on failed",
 }
 """Pending reasons (``squeue %r``) that no amount of waiting clears, with what they mean."""
+UNAVAILABLE_STATES = ("down", "drain", "fail", "maint", "future", "inval")
+"""Node states (``sinfo %T`` prefixes) in which a node takes no new job; a trailing ``*``
+marks a node that does not respond."""
 STUCK_GRACE_S = 10.0
 """A task is cancelled once it has shown a stuck reason for this long (two queue looks)."""
 RESULT_GRACE_S = 15.0
@@ -244,6 +247,12 @@ def partition_nodes(cluster: ClusterConfig, nodes: Sequence[Node]) -> tuple[str,
     return cluster.partition, chosen
 
 
+def node_available(node: Node) -> bool:
+    """Whether the node takes new jobs (responding, not down, drained, failed or reserved for
+    maintenance)."""
+    return not node.state.endswith("*") and not node.state.lower().startswith(UNAVAILABLE_STATES)
+
+
 def uses_cuda(device: str, partition_gpus: int, gpus_per_job: int | None) -> bool:
     """Whether a job with this ``device`` setting runs on CUDA in the partition."""
     if device == "auto":
@@ -318,6 +327,10 @@ def plan_request(cluster: ClusterConfig, jobs: Sequence[JobNeeds],
             f"(largest: {largest.gpus} GPU(s), {largest.cpus} CPU(s), "
             f"{largest.memory_mb / 1024:.1f} GB); lower cluster.gpus_per_job, "
             f"cluster.cpus_per_job or cluster.mem_gb (null = automatic)")
+    if not any(node_available(node) for node in fits):
+        log.warning("no node of partition %s that can hold the jobs is up now (%s); they will "
+                    "wait until one is", name,
+                    ", ".join(sorted({f"{node.name}: {node.state}" for node in fits})))
     limit = members[0].max_time_min
     if limit is not None and cluster.time_limit_min > limit:
         raise UserError(f"cluster.time_limit_min={cluster.time_limit_min} exceeds partition "

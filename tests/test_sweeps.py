@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import yaml
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
 from PIL import Image
 
 from experiments.sweep_summary import main as summary_main
@@ -179,8 +181,15 @@ def test_refusals_group_jobs_with_the_same_error():
             raise UserError("a=bad is not allowed")
         if "b=2" in overrides:
             raise UserError("b=2 is too large")
+        if "b=x" in overrides:
+            raise ConfigCompositionException("Error merging override b=x") from ValidationError(
+                "Value 'x' could not be converted to Integer\n    full_key: b")
 
-    jobs = [["a=ok", "b=1"], ["a=bad", "b=1"], ["a=ok", "b=2"], ["a=bad", "b=2"]]
-    assert refusals(jobs, check) == ["error: job 1 (a=bad b=1) (also jobs 3): a=bad is not allowed",
-                                     "error: job 2 (a=ok b=2): b=2 is too large"]
+    jobs = [["a=ok", "b=1"], ["a=bad", "b=1"], ["a=ok", "b=2"], ["a=bad", "b=2"],
+            ["a=ok", "b=x"]]
+    assert refusals(jobs, check) == [
+        "error: job 1 (a=bad b=1) (also jobs 3): a=bad is not allowed",
+        "error: job 2 (a=ok b=2): b=2 is too large",
+        "error: job 4 (a=ok b=x): Error merging override b=x: Value 'x' could not be converted "
+        "to Integer"]
     assert refusals(jobs[:1], check) == []

@@ -47,11 +47,16 @@ class FailedJob:
 def one_line(err: BaseException) -> str:
     """The error's first non-empty line; unexpected exceptions (not a user or config error)
     also name their type."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    text = lines[0] if lines else ""
+    text = first_line(err)
+    if isinstance(err, HydraException) and isinstance(err.__cause__, OmegaConfBaseException):
+        return f"{text}: {first_line(err.__cause__)}"  # "Error merging override x=y": why
     if isinstance(err, CONFIG_ERRORS):
         return text or type(err).__name__
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def first_line(err: BaseException) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), "")
 
 
 def failure_of(result: JobReturn) -> str | None:

@@ -1,59 +1,73 @@
-"""3-D refinement of coarse dynamic masks (VGGT4D, DESIGN.md §3 "Refinement").
+"""3-D refinement of coarse dynamic masks, as VGGT4D's official code computes it.
 
 The coarse mask from the attention cues marks some static pixels as dynamic. Refinement checks
 each group of coarse-dynamic pixels geometrically: a *static* 3-D point, seen from another frame,
 lands on a surface at the same depth and with the same colour; a *moving* point lands on whatever
-static background is there now, at a different depth and colour.
+is there now, at another depth and colour.
 
-Steps of :func:`refine_masks` (pure numpy; torch only for ``score="gradient"``):
+Source: ``RefineDynMask`` in VGGT4D's official repository (``vggt4d/masks/refine_dyn_mask.py``)
+and the order of its demo: coarse masks → second pass with the coarse masks → refinement with the
+first pass's depth and intrinsics and the *second* pass's cameras (only the poses come from the
+second pass; :func:`refine_masks` therefore takes depth, intrinsics and extrinsics as separate
+arguments). With the default :class:`RefineSettings`, :func:`refine_masks` follows it rule by rule,
+**each frame t on its own**:
 
-1. :func:`backproject` the coarse-dynamic pixels of every frame to world points, remembering
-   each point's source frame, pixel and colour (a seeded random subsample of at most
-   ``max_points`` of them is used for the statistics; the rest follow the subsample).
-2. :func:`statistical_inliers` removes isolated points (``neighbours``, ``std_ratio``).
-3. k-means (scikit-learn, ``random_state=seed``) splits the inliers into ``clusters`` clusters.
-4. :func:`cluster_scores` projects every point into every other frame ``s`` (or ``|s − t| <=
-   window``) and scores each cluster over its *valid* projection samples (rule below).
-5. A cluster stays dynamic when ``score > tau`` or when fewer than ``min_valid`` of its samples
-   are valid (it cannot be checked). The refined mask keeps the coarse pixels of the dynamic
-   clusters only (outliers and pixels of static clusters are removed; pixels whose depth is not
-   positive and finite cannot be back-projected and are kept), then each frame is closed
-   ``close×close`` and dilated ``dilate×dilate`` (:func:`vggt4d.postprocess.morphology`).
+1. Back-project every pixel ``(u, v)`` through ``(u + 0.5, v + 0.5)`` with its depth, ``K_t`` and
+   frame ``t``'s camera (:func:`vggt4d.cameras.backproject`; float32 points, as the official
+   code's torch tensors).
+2. Statistical outlier removal over the frame's *whole* point cloud, Open3D's
+   ``remove_statistical_outlier(nb_neighbors=20, std_ratio=2.5)`` (:func:`statistical_inliers`).
+3. k-means of the frame's coarse-dynamic inliers: scikit-learn ``KMeans(n_clusters=30,
+   random_state=42)``, otherwise defaults (scikit-learn ≥ 1.4: ``n_init="auto"``, i.e. one
+   k-means++ run, passed here as ``n_init=1``), fitted on the float32 points.
+4. Each cluster is projected into every other frame ``s`` (:func:`cluster_scores`). A projection
+   at continuous image point ``(x, y)`` with camera depth ``z`` *counts* when it is inside
+   (``0 < x < W``, ``0 < y < H``), ``z > 0``, visible (``z − 0.01 < d``, ``d`` frame ``s``'s depth
+   sampled there) and lands on static ground (frame ``s``'s coarse mask sampled there ≤ 0.5).
+   Sampling (:func:`sample_frames`) is torch ``grid_sample`` with ``align_corners=True`` at index
+   ``(x, y)``: *nearest* for the depth, *bilinear* for the mask and the colour, zeros outside the
+   image. Index ``x`` is pixel ``x``'s centre, whereas the back-projection puts pixel ``u``'s
+   centre at ``u + 0.5``: the official sampling is half a pixel off its own back-projection
+   (``sampling="official"`` reproduces this, ``"consistent"`` corrects it).
+5. A cluster with fewer than 5 % of its ``(T − 1) · points`` projections counted stays dynamic (it
+   cannot be checked; the fraction is computed as the official code does, in float32 with
+   ``+ 1e-6`` in the denominator). Otherwise it stays dynamic when ``mean |z − d| + mean
+   Σ_c |rgb_t,c − rgb_s,c| / 3 > 0.1`` over its counted projections (absolute depth difference in
+   the depth's own units, nearest-sampled ``d``; colours in [0, 1], ``rgb_s`` bilinear).
+6. The refined frame holds the coarse-dynamic inlier pixels of the dynamic clusters (outliers and
+   static clusters leave the mask), then a 5×5 *elliptic* close (OpenCV's ``MORPH_ELLIPSE``
+   element, :func:`elliptic_kernel`) and a 3×3 square dilation (:func:`close_and_dilate`).
 
-Conventions (as in :mod:`vggt4d.synthetic` and DA3's outputs): ``extrinsics`` are OpenCV
-world-to-camera ``[R | t]`` (``X_cam = R X + t``), ``intrinsics`` are pinhole ``K`` in pixels of
-the frames given, ``depth`` is z-depth, and pixel ``(u, v)`` (column, row) is the ray through the
-continuous image point ``(u + 0.5, v + 0.5)``.
+Named alternatives (:class:`RefineSettings`): ``sampling="consistent"`` samples at ``(x − 0.5,
+y − 0.5)`` with the border value repeated outside (pixel ``u``'s value at its centre ``u + 0.5``,
+the back-projection's convention); ``score="residual"`` divides the depth difference by ``d``,
+and with it (and ``"gradient"``) the visibility margin is relative (``z < d · (1 + margin)``), so
+nothing depends on the depth's unit (VGGT's depth is normalised, DA3's is not);
+``score="gradient"`` is the AnyDynamics research scripts' projection-gradient cue (below);
+``window=k`` projects into frames ``t − k … t + k`` only; ``close_kernel="square"``;
+``max_points`` clusters and scores a seeded subsample of a large frame's points (the other
+points take their nearest centre).
 
-Validity (visibility) rule of a projection sample of point ``X`` (from frame ``t``) into frame
-``s`` at continuous image point ``(x, y)``, camera depth ``z`` and pixel ``(floor x, floor y)``:
+``score="gradient"``: depth term ``gradient_weight · mean ‖∇_X ½ (z(X) − z_obs(X))²‖ / scale``,
+``z_obs`` frame ``s``'s depth sampled *bilinearly* at the projection of ``X`` (centres at
+``(u + 0.5, v + 0.5)``, clamped to the outermost centres), the gradient by torch autograd,
+``scale`` the clip's median positive depth. Its value is ``|z − z_obs| · ‖r3_s − ∇_X z_obs‖ /
+scale`` (``r3_s`` the optical axis), roughly ten times a relative depth error with the weight 10.
 
-* inside the image: ``0 <= x < W`` and ``0 <= y < H``; in front of the camera: ``z > 0``;
-* the pixel is static in frame ``s``'s coarse mask and its depth ``d = depth_s`` is finite, > 0;
-* not occluded: ``z <= d · (1 + occlusion_tolerance)`` (default 0.05). A point *behind* the
-  observed surface is hidden by something (for a static point the residual would be
-  meaningless), so it is not counted. A point *in front of* the observed surface, however far, is
-  always counted: that is exactly what a moving point looks like (it floats in space that is
-  empty in frame ``s``, in front of the background), so that residual stays observable.
+Where the official code has no rule: pixels whose depth is not positive and finite are left out
+of the cloud and keep their coarse value; a frame with fewer coarse-dynamic inliers than
+``clusters`` uses one cluster per point and a frame with none is left empty (scikit-learn refuses
+both, so the official code stops there); a clip with fewer usable coarse-dynamic pixels than
+``min_points``, or a single frame, is returned unchanged. The official code computes in float32,
+here projections and scores are float64: decisions within ~1e-6 of a threshold may differ.
 
-Scores (over the valid samples of a cluster; ``mean`` = mean over those samples):
+Hand-written, and why: Open3D (a large wheel with OpenGL system libraries, used nowhere else in
+vggt4d) is not a dependency, so its outlier rule is written here over ``scipy.spatial.cKDTree``;
+OpenCV is a test-only dependency, so its elliptic element is written here (the tests compare both
+with the libraries' results or definitions).
 
-* ``"residual"``: ``mean |z − d| / d  +  mean (1/3) Σ_c |rgb_t,c − rgb_s,c| / 255`` with ``d``
-  and ``rgb_s`` read at the landing pixel. VGGT4D's criterion is ``mean |Δdepth| + mean
-  |Δrgb| / 3 > 0.1`` with depth in VGGT's normalised scene scale (mean depth ≈ 1) and colours in
-  [0, 1]; dividing the depth difference by the observed depth makes the first term independent
-  of DA3's arbitrary depth scale and equal to VGGT4D's at depth 1, and the second term is
-  VGGT4D's ``|Δrgb| / 3`` (sum of the three channel differences in [0, 1], divided by 3).
-* ``"gradient"`` (the user's "strict" script's projection-gradient cue):
-  ``gradient_weight · mean ‖∇_X ½ (z_proj(X) − z_obs(X))²‖ / scale  +  photometric term``,
-  ``z_proj`` the camera-``s`` depth of ``X``, ``z_obs`` the depth of frame ``s`` sampled
-  *bilinearly* at the projection of ``X`` (so it depends on ``X`` too), the gradient taken by
-  torch autograd. The norm scales with the depth unit, so it is divided by ``scale``, the median
-  positive depth of the clip. Its value is ``|z_proj − z_obs| · ‖r3_s − ∇_X z_obs‖ / scale``
-  (``r3_s`` the camera's optical axis), so with the weight 10 it is roughly ten times a relative
-  depth error: noise of 1 % in the depths already gives static clusters ≈ 0.15, above the
-  default ``tau`` (the user's script kept clusters whose mean weighted gradient was > 0.15);
-  depth steps inside the bilinear footprint make it large. Prefer ``"residual"`` on real depths.
+Conventions (as in :mod:`vggt4d.cameras`): ``extrinsics`` are OpenCV world-to-camera ``[R | t]``,
+``intrinsics`` pinhole ``K`` in pixels of the frames given, ``depth`` z-depth.
 """
 
 from __future__ import annotations
@@ -63,113 +77,140 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from vggt4d.cameras import backproject, check_cameras, project
+from vggt4d.cameras import backproject, check_cameras
 from vggt4d.errors import UserError
-from vggt4d.postprocess import morphology
 from vggt4d.stage import UncachedStage
 
-SCORES = ("residual", "gradient")
+SCORES = ("absolute", "residual", "gradient")
+SAMPLINGS = ("official", "consistent")
+CLOSE_KERNELS = ("ellipse", "square")
 
-#: relative depth margin of the occlusion test: a sample is hidden when z > d · (1 + this)
-OCCLUSION_TOLERANCE = 0.05
+#: projections processed at once by :func:`cluster_scores` (bounds its memory)
+SAMPLE_CHUNK = 2_000_000
 
 
 @dataclass
 class RefineSettings:
-    """Settings of :func:`refine_masks`; the defaults are VGGT4D's (DESIGN.md §3)."""
+    """Settings of :func:`refine_masks`; the defaults are VGGT4D's official refinement."""
 
-    neighbours: int = 20  # statistical outlier removal: k nearest neighbours
-    std_ratio: float = 2.5  # ... keep mean kNN distance <= mean + std_ratio · std
-    clusters: int = 30  # k-means on the coarse-dynamic points (fewer if fewer points)
-    window: int = 0  # 0 = project each point into all other frames; k = frames t−k..t+k
-    tau: float = 0.1  # a cluster stays dynamic when score > tau
-    min_valid: float = 0.05  # ... or when fewer than this fraction of its samples are valid
-    score: str = "residual"  # "residual" | "gradient"
-    gradient_weight: float = 10.0  # the user's script: grad ×10 + photometric ×1
-    close: int = 5  # morphological close size after refinement
-    dilate: int = 3  # morphological dilation size after refinement
-    max_points: int = 200_000  # random subsample of dynamic points for speed (seeded)
-    min_points: int = 50  # fewer coarse-dynamic points: skip refinement with a note
-    seed: int = 0
+    neighbours: int = 20  # outlier removal: Open3D's nb_neighbors (the point itself included)
+    std_ratio: float = 2.5  # ... inlier when mean kNN distance < mean + std_ratio · std
+    clusters: int = 30  # k-means clusters per frame (fewer when the frame has fewer points)
+    seed: int = 42  # k-means random_state (VGGT4D: 42) and max_points subsample seed
+    window: int = 0  # 0 = project into every other frame; k = frames t−k..t+k only
+    sampling: str = "official"  # "official" (index x, zeros outside) | "consistent" (x − 0.5)
+    visibility_margin: float = 0.01  # counted when z − margin < d ("absolute"), else relative
+    min_valid: float = 0.05  # fewer counted projections than this fraction: stays dynamic
+    tau: float = 0.1  # a cluster stays dynamic when its score > tau
+    score: str = "absolute"  # "absolute" (VGGT4D) | "residual" (relative) | "gradient"
+    gradient_weight: float = 10.0  # the research scripts: gradient ×10 + photometric ×1
+    close: int = 5  # close size after refinement (0 or 1: none)
+    close_kernel: str = "ellipse"  # "ellipse" (OpenCV MORPH_ELLIPSE, VGGT4D) | "square"
+    dilate: int = 3  # square dilation size after the close (0 or 1: none)
+    max_points: int = 0  # > 0: k-means on a seeded subsample of at most this many points/frame
+    min_points: int = 0  # fewer usable coarse-dynamic pixels in the clip: masks unchanged
 
     def validate(self) -> None:
         """Raise :class:`UserError` naming the first bad field, its value and the valid range."""
-        positive = [
-            ("neighbours", self.neighbours), ("clusters", self.clusters),
-            ("max_points", self.max_points),
-        ]
-        for name, value in positive:
-            if int(value) != value or value < 1:
-                raise UserError(f"refine.{name} = {value} is invalid: must be an integer >= 1")
-        for name, value in [("window", self.window), ("close", self.close),
-                            ("dilate", self.dilate), ("min_points", self.min_points)]:
-            if int(value) != value or value < 0:
-                raise UserError(f"refine.{name} = {value} is invalid: must be an integer >= 0")
+        for name, low in [("neighbours", 1), ("clusters", 1), ("seed", 0), ("window", 0),
+                          ("close", 0), ("dilate", 0), ("max_points", 0), ("min_points", 0)]:
+            value = getattr(self, name)
+            if int(value) != value or value < low:
+                raise UserError(f"refine.{name} = {value} is invalid: must be an integer >= {low}")
+        if self.seed >= 2**32:
+            raise UserError(f"refine.seed = {self.seed} is invalid: scikit-learn takes seeds "
+                            "below 2**32")
         if not self.std_ratio > 0:
             raise UserError(f"refine.std_ratio = {self.std_ratio} is invalid: must be > 0")
         if not 0.0 <= self.min_valid <= 1.0:
             raise UserError(f"refine.min_valid = {self.min_valid} is invalid: must be in [0, 1]")
         if not math.isfinite(self.tau):
             raise UserError(f"refine.tau = {self.tau} is invalid: must be a finite number")
-        if not self.gradient_weight >= 0:
-            raise UserError(
-                f"refine.gradient_weight = {self.gradient_weight} is invalid: must be >= 0"
-            )
-        if self.score not in SCORES:
-            raise UserError(f"refine.score = {self.score!r} is invalid: choose one of "
-                            f"{', '.join(SCORES)}")
+        for name in ("visibility_margin", "gradient_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise UserError(f"refine.{name} = {value} is invalid: must be a finite number "
+                                ">= 0")
+        for name, allowed in [("score", SCORES), ("sampling", SAMPLINGS),
+                              ("close_kernel", CLOSE_KERNELS)]:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise UserError(f"refine.{name} = {value!r} is invalid: choose one of "
+                                f"{', '.join(allowed)}")
 
 
 # --------------------------------------------------------------------------------------------
-# statistical outlier removal
+# statistical outlier removal (Open3D's rule)
 # --------------------------------------------------------------------------------------------
-
-
-def _knn_mean_distance(tree: cKDTree, queries: np.ndarray, neighbours: int, self_query: bool
-                       ) -> np.ndarray:
-    """Mean Euclidean distance (M,) of each query to its ``neighbours`` nearest tree points.
-
-    ``self_query``: the queries are the tree's own points, so the nearest hit (the point
-    itself, distance 0) is skipped.
-    """
-    extra = 1 if self_query else 0
-    k = neighbours + extra
-    dist, _ = tree.query(queries, k=k)
-    dist = dist.reshape(len(queries), k)
-    return dist[:, extra:].mean(axis=1)
-
-
-def _sor_threshold(points: np.ndarray, neighbours: int, std_ratio: float
-                   ) -> tuple[cKDTree, int, np.ndarray, float]:
-    tree = cKDTree(points)
-    k = min(int(neighbours), len(points) - 1)
-    mean_dist = _knn_mean_distance(tree, points, k, self_query=True)
-    threshold = float(mean_dist.mean() + std_ratio * mean_dist.std())
-    return tree, k, mean_dist, threshold
 
 
 def statistical_inliers(points: np.ndarray, neighbours: int = 20, std_ratio: float = 2.5
                         ) -> np.ndarray:
-    """Statistical outlier removal: (N, 3) points → bool (N,), True for inliers.
+    """Open3D's ``remove_statistical_outlier``: (N, 3) points → bool (N,), True for inliers.
 
-    For every point, ``m_i`` = mean Euclidean distance to its ``k = min(neighbours, N − 1)``
-    nearest *other* points (``scipy.spatial.cKDTree``; a duplicate of the point counts as a
-    neighbour at distance 0). A point is an inlier when ``m_i <= mean(m) + std_ratio · std(m)``
-    (population std, ddof = 0, over all N points) — Open3D's ``remove_statistical_outlier`` rule.
-    Fewer than 2 points: all inliers.
+    ``m_i`` = mean Euclidean distance from point ``i`` to its ``k = min(neighbours, N)`` nearest
+    points of the cloud, *the point itself included* (distance 0; Open3D searches the cloud it
+    filters). Over all N points, with the sums taken over the points with ``m_i > 0`` only but
+    divided by N: ``mean = Σ m_i / N``, ``std = sqrt(Σ (m_i − mean)² / (N − 1))`` (Bessel's
+    correction). Inlier: ``0 < m_i < mean + std_ratio · std`` (strict; a point whose k nearest
+    all coincide with it is removed). N = 1: no inlier. Source: ``PointCloud::
+    RemoveStatisticalOutliers`` in Open3D's ``cpp/open3d/geometry/PointCloud.cpp``.
     """
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-    if len(pts) < 2:
-        return np.ones(len(pts), dtype=bool)
-    _, _, mean_dist, threshold = _sor_threshold(pts, neighbours, std_ratio)
-    return mean_dist <= threshold
+    count = len(pts)
+    if count < 2:
+        return np.zeros(count, dtype=bool)
+    k = min(int(neighbours), count)
+    dist, _ = cKDTree(pts).query(pts, k=k, workers=-1)
+    mean_dist = dist.reshape(count, k).mean(axis=1)
+    positive = mean_dist > 0
+    cloud_mean = mean_dist[positive].sum() / count
+    std = math.sqrt(((mean_dist[positive] - cloud_mean) ** 2).sum() / (count - 1))
+    return positive & (mean_dist < cloud_mean + std_ratio * std)
 
 
 # --------------------------------------------------------------------------------------------
-# cluster scores
+# sampling and scores
 # --------------------------------------------------------------------------------------------
+
+
+def sample_frames(images: np.ndarray, x: np.ndarray, y: np.ndarray, mode: str,
+                  sampling: str = "official") -> np.ndarray:
+    """Sample images (S, H, W, C) at continuous image points ``x``, ``y`` (S, P) → (S, P, C).
+
+    torch ``grid_sample`` (``mode`` "nearest" — ties to even — or "bilinear", float64,
+    ``align_corners=True``) at index ``(x, y)`` with zeros outside the image (``"official"``), or
+    at ``(x − 0.5, y − 0.5)`` with the border repeated (``"consistent"``: pixel ``(u, v)``'s value
+    sits at ``(u + 0.5, v + 0.5)``, as in :func:`vggt4d.cameras.backproject`). ``x``, ``y`` must be
+    finite; H, W ≥ 2.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if sampling not in SAMPLINGS:
+        raise UserError(f"unknown sampling {sampling!r}; choose one of {', '.join(SAMPLINGS)}")
+    _, height, width, _ = images.shape
+    shift = 0.0 if sampling == "official" else 0.5
+    grid = np.stack([2.0 * (x - shift) / (width - 1) - 1.0,
+                     2.0 * (y - shift) / (height - 1) - 1.0], axis=-1)[:, None]
+    source = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2),
+                                                   dtype=np.float64))
+    out = F.grid_sample(source, torch.from_numpy(grid), mode=mode, align_corners=True,
+                        padding_mode="zeros" if sampling == "official" else "border")
+    return out[:, :, 0].permute(0, 2, 1).numpy()
+
+
+def _project(points: np.ndarray, k_mats: np.ndarray, w2c: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """World points (P, 3) into S cameras → x, y, z (S, P): ``(x z, y z, z) = K (R X + t)``."""
+    cam = np.einsum("sij,pj->spi", w2c[:, :, :3], points) + w2c[:, None, :, 3]
+    hom = np.einsum("sij,spj->spi", k_mats, cam)
+    z = hom[..., 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return hom[..., 0] / z, hom[..., 1] / z, z
 
 
 def _gradient_norms(points: np.ndarray, depth_s: np.ndarray, k_mat: np.ndarray,
@@ -206,130 +247,177 @@ def _gradient_norms(points: np.ndarray, depth_s: np.ndarray, k_mat: np.ndarray,
     return grad.norm(dim=1).numpy()
 
 
+def _median_depth(depth: np.ndarray) -> float:
+    usable = depth[np.isfinite(depth) & (depth > 0)]
+    return float(np.median(usable)) if usable.size else 1.0
+
+
 def cluster_scores(
     points: np.ndarray,
     labels: np.ndarray,
-    source_frames: np.ndarray,
     colours: np.ndarray,
+    source: int,
     depth: np.ndarray,
-    frames: np.ndarray,
+    images: np.ndarray,
     coarse: np.ndarray,
     intrinsics: np.ndarray,
     extrinsics: np.ndarray,
-    *,
-    score: str = "residual",
-    window: int = 0,
-    tau: float = 0.1,
-    min_valid: float = 0.05,
-    gradient_weight: float = 10.0,
-    occlusion_tolerance: float = OCCLUSION_TOLERANCE,
+    settings: RefineSettings | None = None,
     num_clusters: int | None = None,
+    depth_scale: float | None = None,
 ) -> list[dict]:
-    """Score each cluster of world points by projecting it into the other frames.
+    """Decide, for each cluster of frame ``source``'s points, whether it stays dynamic.
 
-    Inputs: ``points`` (N, 3) world points, ``labels`` (N,) cluster ids in ``[0, C)``,
-    ``source_frames`` (N,) the frame each point came from, ``colours`` (N, 3) its RGB (0–255);
-    ``depth`` (T, H, W), ``frames`` (T, H, W, 3) uint8, ``coarse`` (T, H, W) bool (True =
-    dynamic), ``intrinsics`` (T, 3, 3), ``extrinsics`` (T, 3, 4) world-to-camera.
+    Inputs: ``points`` (N, 3) world points of frame ``source``, ``labels`` (N,) cluster ids in
+    ``[0, C)``, ``colours`` (N, 3) their RGB in [0, 1]; ``depth`` (T, H, W), ``images``
+    (T, H, W, 3) float RGB in [0, 1], ``coarse`` (T, H, W) bool (True = dynamic),
+    ``intrinsics`` (T, 3, 3) and ``extrinsics`` (T, 3, 4) world-to-camera. ``depth_scale``: the
+    gradient score's ``scale`` (default: the median positive finite depth of ``depth``).
 
-    Every point from frame ``t`` is projected into every frame ``s != t`` (``window > 0``: only
-    ``|s − t| <= window``); each projection is one *sample*, valid by the module's rule (inside,
-    ``z > 0``, landing pixel static in ``coarse[s]`` with positive finite depth ``d``, ``z <= d ·
-    (1 + occlusion_tolerance)``). Over the valid samples of a cluster:
+    Every point is projected into every frame ``s != source`` (``settings.window = k > 0``: only
+    ``|s − source| <= k``): ``samples = points × frames``. A projection counts by the module's
+    rule (inside, ``z > 0``, finite ``d``, ``z − margin < d`` for ``"absolute"`` or ``z < d ·
+    (1 + margin)`` otherwise, sampled mask ≤ 0.5; sampling by ``settings.sampling``). Over the
+    counted projections of a cluster (``mean`` = sum / counted):
 
-    * ``depth_term``: ``mean |z − d| / d`` (``"residual"``) or ``gradient_weight · mean
-      ‖∇_X ½ (z − z_obs)²‖ / scale`` (``"gradient"``, see the module docstring; ``scale`` = the
-      median positive finite depth of the clip);
-    * ``photometric_term``: ``mean (1/3) Σ_c |colour_c − frames[s, pixel, c]| / 255``;
-    * ``score = depth_term + photometric_term`` (None when no sample is valid).
+    * ``depth_term``: ``mean |z − d|`` (``"absolute"``), ``mean |z − d| / d`` (``"residual"``)
+      or ``gradient_weight · mean ‖∇_X ½ (z − z_obs)²‖ / scale`` (``"gradient"``);
+    * ``photometric_term``: ``mean Σ_c |colour_c − rgb_s,c| / 3``;
+    * ``score = depth_term + photometric_term``.
 
+    ``dynamic`` = ``float32(counted) / float32(samples + 1e-6) < float32(min_valid)`` (then the
+    terms and score are None: not checked), or no projection counted, or ``score > tau``.
     Returns one dict per cluster id ``0 … C − 1`` (``C = num_clusters`` or ``max(labels) + 1``)
-    with plain Python values: ``cluster``, ``points``, ``samples`` (projections tried),
-    ``valid`` (valid samples), ``valid_fraction`` (valid / samples, 0 when no samples),
-    ``depth_term``, ``photometric_term``, ``score`` and ``dynamic`` =
-    ``valid_fraction < min_valid or valid == 0 or score > tau``.
+    with plain Python values: ``frame``, ``cluster``, ``points``, ``samples``, ``counted``,
+    ``counted_fraction`` (counted / samples, 0 without samples), ``depth_term``,
+    ``photometric_term``, ``score``, ``dynamic``.
     """
-    if score not in SCORES:
-        raise UserError(f"unknown refinement score {score!r}; choose one of {', '.join(SCORES)}")
+    settings = settings or RefineSettings()
+    settings.validate()
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    source = np.asarray(source_frames, dtype=np.int64).reshape(-1)
     cols = np.asarray(colours, dtype=np.float64).reshape(-1, 3)
     depth = np.asarray(depth, dtype=np.float64)
-    frames = np.asarray(frames)
+    images = np.asarray(images, dtype=np.float64)
     coarse = np.asarray(coarse, dtype=bool)
-    if not (len(pts) == len(labels) == len(source) == len(cols)):
-        raise UserError("points, labels, source_frames and colours must have the same length")
-    if depth.ndim != 3 or coarse.shape != depth.shape or frames.shape != (*depth.shape, 3):
-        raise UserError(f"depth (T, H, W), coarse (T, H, W) and frames (T, H, W, 3) must agree, "
-                        f"got {depth.shape}, {coarse.shape} and {frames.shape}")
+    if not len(pts) == len(labels) == len(cols):
+        raise UserError("points, labels and colours must have the same length")
+    if depth.ndim != 3 or coarse.shape != depth.shape or images.shape != (*depth.shape, 3):
+        raise UserError(f"depth (T, H, W), coarse (T, H, W) and images (T, H, W, 3) must agree, "
+                        f"got {depth.shape}, {coarse.shape} and {images.shape}")
     k_mats, w2c = check_cameras(intrinsics, extrinsics, len(depth))
-    count = int(num_clusters) if num_clusters is not None else int(labels.max(initial=-1)) + 1
     t_count, height, width = depth.shape
-    finite = np.isfinite(depth) & (depth > 0)
-    scale = float(np.median(depth[finite])) if finite.any() else 1.0
+    count = int(num_clusters) if num_clusters is not None else int(labels.max(initial=-1)) + 1
+    targets = [s for s in range(t_count) if s != source
+               and (settings.window == 0 or abs(s - source) <= settings.window)]
+    if settings.score == "gradient" and depth_scale is None:
+        depth_scale = _median_depth(depth)
 
-    samples = np.zeros(count)
-    valid = np.zeros(count)
+    point_counts = np.bincount(labels, minlength=count)
+    counted = np.zeros(count)
     depth_sum = np.zeros(count)
     photo_sum = np.zeros(count)
-    for s in range(t_count):
-        eligible = source != s
-        if window > 0:
-            eligible &= np.abs(source - s) <= window
-        index = np.flatnonzero(eligible)
-        if index.size == 0:
-            continue
-        samples += np.bincount(labels[index], minlength=count)
-        pixel, z = project(pts[index], k_mats[s], w2c[s])
+    chunk = max(1, SAMPLE_CHUNK // max(len(pts), 1))
+    for start in range(0, len(targets) if len(pts) else 0, chunk):
+        views = np.array(targets[start : start + chunk])
+        x, y, z = _project(pts, k_mats[views], w2c[views])
         with np.errstate(invalid="ignore"):
-            ok = ((z > 0) & (pixel[:, 0] >= 0) & (pixel[:, 0] < width)
-                  & (pixel[:, 1] >= 0) & (pixel[:, 1] < height))
-        col = np.floor(np.where(ok, pixel[:, 0], 0)).astype(np.int64)
-        row = np.floor(np.where(ok, pixel[:, 1], 0)).astype(np.int64)
-        d = depth[s, row, col]
-        ok &= finite[s, row, col] & ~coarse[s, row, col]
+            inside = (z > 0) & (x > 0) & (x < width) & (y > 0) & (y < height)
+        x, y = np.where(inside, x, 0.0), np.where(inside, y, 0.0)
+        d = sample_frames(depth[views, :, :, None], x, y, "nearest", settings.sampling)[..., 0]
+        mask = sample_frames(coarse[views, :, :, None].astype(np.float64), x, y, "bilinear",
+                             settings.sampling)[..., 0]
+        rgb = sample_frames(images[views], x, y, "bilinear", settings.sampling)
+        margin = settings.visibility_margin
         with np.errstate(invalid="ignore"):
-            ok &= z <= d * (1.0 + occlusion_tolerance)
-        if not ok.any():
-            continue
-        keep = index[ok]
-        lab = labels[keep]
-        row, col, z, d = row[ok], col[ok], z[ok], d[ok]
-        valid += np.bincount(lab, minlength=count)
-        seen = frames[s, row, col].astype(np.float64)
-        photo = np.abs(cols[keep] - seen).mean(axis=1) / 255.0
-        photo_sum += np.bincount(lab, weights=photo, minlength=count)
-        if score == "residual":
-            term = np.abs(z - d) / d
+            visible = z - margin < d if settings.score == "absolute" else z < d * (1.0 + margin)
+        ok = inside & np.isfinite(d) & visible & (mask <= 0.5)
+        view, index = np.nonzero(ok)
+        lab = labels[index]
+        counted += np.bincount(lab, minlength=count)
+        photo_sum += np.bincount(lab, weights=np.abs(cols[index] - rgb[ok]).sum(axis=1),
+                                 minlength=count)
+        if settings.score == "gradient":
+            term = np.empty(index.size)
+            for i, s in enumerate(views):
+                here = view == i
+                term[here] = _gradient_norms(pts[index[here]], depth[s], k_mats[s], w2c[s])
+            term *= settings.gradient_weight / depth_scale
         else:
-            term = gradient_weight * _gradient_norms(pts[keep], depth[s], k_mats[s], w2c[s])
-            term = term / scale
+            term = np.abs(z[ok] - d[ok])
+            if settings.score == "residual":
+                term /= d[ok]
         depth_sum += np.bincount(lab, weights=term, minlength=count)
 
-    point_counts = np.bincount(labels, minlength=count) if len(labels) else np.zeros(count)
     results = []
     for c in range(count):
-        fraction = float(valid[c] / samples[c]) if samples[c] > 0 else 0.0
-        if valid[c] > 0:
-            depth_term = float(depth_sum[c] / valid[c])
-            photo_term = float(photo_sum[c] / valid[c])
-            total: float | None = depth_term + photo_term
-        else:
-            depth_term = photo_term = total = None
-        dynamic = bool(fraction < min_valid or total is None or total > tau)
-        results.append({
-            "cluster": c,
-            "points": int(point_counts[c]),
-            "samples": int(samples[c]),
-            "valid": int(valid[c]),
-            "valid_fraction": fraction,
-            "depth_term": depth_term,
-            "photometric_term": photo_term,
-            "score": total,
-            "dynamic": dynamic,
-        })
+        samples = int(point_counts[c]) * len(targets)
+        unchecked = (np.float32(counted[c]) / np.float32(samples + 1e-6)
+                     < np.float32(settings.min_valid)) or counted[c] == 0
+        entry = {
+            "frame": int(source), "cluster": c, "points": int(point_counts[c]),
+            "samples": samples, "counted": int(counted[c]),
+            "counted_fraction": float(counted[c] / samples) if samples else 0.0,
+            "depth_term": None, "photometric_term": None, "score": None, "dynamic": True,
+        }
+        if not unchecked:
+            entry["depth_term"] = float(depth_sum[c] / counted[c])
+            entry["photometric_term"] = float(photo_sum[c] / counted[c] / 3.0)
+            entry["score"] = entry["depth_term"] + entry["photometric_term"]
+            entry["dynamic"] = bool(entry["score"] > settings.tau)
+        results.append(entry)
     return results
+
+
+# --------------------------------------------------------------------------------------------
+# morphology
+# --------------------------------------------------------------------------------------------
+
+
+def elliptic_kernel(size: int) -> np.ndarray:
+    """OpenCV's ``getStructuringElement(MORPH_ELLIPSE, (size, size))`` as a (size, size) bool.
+
+    With ``r = c = size // 2``: row ``i`` (``dy = i − r``) is set on columns ``[max(c − dx, 0),
+    min(c + dx + 1, size))`` with ``dx = round(c · sqrt((r² − dy²) / r²))`` (ties to even, as
+    OpenCV's ``saturate_cast``; ``dx = 0`` when ``r = 0``). 5×5: a plus-shaped disc, the corners
+    and the outer rows' off-centre cells empty.
+    """
+    size = int(size)
+    r = c = size // 2
+    dy = np.arange(size) - r
+    dx = np.rint(c * np.sqrt((r * r - dy * dy) / (r * r))) if r else np.zeros(size)
+    cols = np.arange(size)
+    return (cols[None] >= c - dx[:, None]) & (cols[None] < c + dx[:, None] + 1)
+
+
+def close_and_dilate(masks: np.ndarray, close: int = 5, dilate: int = 3,
+                     close_kernel: str = "ellipse") -> np.ndarray:
+    """Binary close with a ``close``×``close`` element, then a ``dilate``×``dilate`` square
+    dilation, per frame: (T, H, W) bool → (T, H, W) bool.
+
+    As OpenCV's ``morphologyEx(MORPH_CLOSE)`` / ``dilate`` with the default anchor (the element's
+    cell ``(size // 2, size // 2)``; ``out(p) = max / min over the element's cells e of
+    in(p + e − anchor)``) and default border (the outside never changes the result); erosion and
+    dilation by ``scipy.ndimage.minimum_filter`` / ``maximum_filter``. Sizes ≤ 1 skip the step.
+    """
+    if close_kernel not in CLOSE_KERNELS:
+        raise UserError(f"unknown close kernel {close_kernel!r}; choose one of "
+                        f"{', '.join(CLOSE_KERNELS)}")
+    out = np.asarray(masks, dtype=bool)
+
+    def grow(x: np.ndarray, element: np.ndarray) -> np.ndarray:
+        return ndimage.maximum_filter(x, footprint=element[None], mode="constant", cval=False)
+
+    def shrink(x: np.ndarray, element: np.ndarray) -> np.ndarray:
+        return ndimage.minimum_filter(x, footprint=element[None], mode="constant", cval=True)
+
+    if close > 1:
+        element = (elliptic_kernel(close) if close_kernel == "ellipse"
+                   else np.ones((close, close), dtype=bool))
+        out = shrink(grow(out, element), element)
+    if dilate > 1:
+        out = grow(out, np.ones((dilate, dilate), dtype=bool))
+    return out.copy() if out is masks else out
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,15 +425,32 @@ def cluster_scores(
 # --------------------------------------------------------------------------------------------
 
 
-def _kmeans(points: np.ndarray, clusters: int, seed: int):
+def _cluster_labels(points: np.ndarray, settings: RefineSettings, rng: np.random.Generator
+                    ) -> tuple[np.ndarray, np.ndarray, int]:
+    """k-means of one frame's points (N, 3) float32 → labels (N,), the indices the model was
+    fitted on (all, or a ``max_points`` subsample) and the number of clusters."""
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
 
-    model = KMeans(n_clusters=clusters, n_init=1, random_state=seed)
+    count = len(points)
+    if 0 < settings.max_points < count:
+        fit = np.sort(rng.choice(count, size=settings.max_points, replace=False))
+    else:
+        fit = np.arange(count)
+    clusters = int(min(settings.clusters, fit.size))
+    model = KMeans(n_clusters=clusters, random_state=settings.seed, n_init=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # fewer distinct points than k
-        model.fit(points)
-    return model
+        model.fit(points[fit])
+    labels = model.predict(points) if fit.size < count else np.empty(count, dtype=np.int64)
+    labels[fit] = model.labels_
+    return labels, fit, clusters
+
+
+def _unit_images(frames: np.ndarray) -> np.ndarray:
+    """(T, H, W, 3) uint8 → float64 in [0, 1]; float frames are taken as already in [0, 1]."""
+    frames = np.asarray(frames)
+    return frames / 255.0 if frames.dtype == np.uint8 else frames.astype(np.float64)
 
 
 def refine_masks(
@@ -356,20 +461,21 @@ def refine_masks(
     extrinsics: np.ndarray,
     settings: RefineSettings | None = None,
 ) -> tuple[np.ndarray, dict]:
-    """VGGT4D's 3-D refinement of coarse dynamic masks (module docstring for the method).
+    """VGGT4D's 3-D refinement of coarse dynamic masks (module docstring for the rules).
 
-    ``coarse`` (T, H, W) bool, ``depth`` (T, H, W) z-depth, ``frames`` (T, H, W, 3) uint8 RGB,
-    ``intrinsics`` (T, 3, 3) and ``extrinsics`` (T, 3, 4) world-to-camera, all at the same
-    resolution → refined (T, H, W) bool and a JSON-serialisable report: ``settings``,
-    ``skipped`` (None, or the sentence saying why the coarse mask was returned unchanged),
-    ``points`` (coarse-dynamic pixels with usable depth), ``points_used`` (after subsampling),
-    ``unusable_depth`` (coarse pixels kept because their depth is not positive and finite),
-    ``outliers_removed`` (pixels dropped as statistical outliers), ``clusters`` (the per-cluster
-    dicts of :func:`cluster_scores`, plus ``kept``), ``clusters_kept``, ``clusters_removed``,
-    ``pixels_removed`` (coarse pixels of static clusters), ``pixels_coarse``, ``pixels_refined``.
-
-    Skipped (mask returned unchanged, no morphology) when there are fewer than ``min_points``
-    usable coarse-dynamic pixels or fewer than two frames.
+    ``coarse`` (T, H, W) bool; ``depth`` (T, H, W) z-depth and ``intrinsics`` (T, 3, 3) of the
+    first DA3 pass; ``extrinsics`` (T, 3, 4) world-to-camera — VGGT4D takes them from the second
+    pass; ``frames`` (T, H, W, 3) uint8 RGB (or float in [0, 1]); all at the same resolution,
+    H, W ≥ 2. Returns the refined (T, H, W) bool masks and a JSON-serialisable report:
+    ``settings``, ``skipped`` (None, or the sentence saying why the coarse masks were returned
+    unchanged), ``points`` (usable coarse-dynamic pixels), ``unusable_depth`` (coarse pixels kept
+    because their depth is not positive and finite), ``outliers_removed`` (coarse pixels that are
+    statistical outliers), ``frames`` (per frame: ``frame``, ``points`` in the cloud,
+    ``outliers`` (None for a frame without coarse pixels: not computed), ``clustered``
+    coarse-dynamic inliers, ``fitted`` (the k-means sample), ``clusters``), ``clusters`` (the
+    dicts of :func:`cluster_scores`, all frames), ``clusters_kept``, ``clusters_removed``,
+    ``pixels_removed`` (coarse pixels left out before the morphology), ``pixels_coarse``,
+    ``pixels_refined``.
     """
     settings = settings or RefineSettings()
     settings.validate()
@@ -378,28 +484,23 @@ def refine_masks(
         raise UserError(f"coarse masks must have shape (T, H, W), got {coarse.shape}")
     coarse = coarse.astype(bool)
     depth = np.asarray(depth, dtype=np.float64)
-    frames = np.asarray(frames)
-    if depth.shape != coarse.shape or frames.shape != (*coarse.shape, 3):
-        raise UserError(f"coarse {coarse.shape}, depth {depth.shape} and frames {frames.shape} "
+    images = _unit_images(frames)
+    if depth.shape != coarse.shape or images.shape != (*coarse.shape, 3):
+        raise UserError(f"coarse {coarse.shape}, depth {depth.shape} and frames {images.shape} "
                         "must be (T, H, W), (T, H, W) and (T, H, W, 3) of the same size")
+    if min(coarse.shape[1:]) < 2:
+        raise UserError(f"frames of {coarse.shape[2]}x{coarse.shape[1]} pixels are too small "
+                        "to refine: width and height must be >= 2")
     k_mats, w2c = check_cameras(intrinsics, extrinsics, len(coarse))
     t_count = len(coarse)
 
-    usable = coarse & np.isfinite(depth) & (depth > 0)
-    n_points = int(usable.sum())
+    usable = np.isfinite(depth) & (depth > 0)
+    n_points = int((coarse & usable).sum())
     report: dict = {
-        "settings": asdict(settings),
-        "skipped": None,
-        "points": n_points,
-        "points_used": 0,
-        "unusable_depth": int((coarse & ~usable).sum()),
-        "outliers_removed": 0,
-        "clusters": [],
-        "clusters_kept": 0,
-        "clusters_removed": 0,
-        "pixels_removed": 0,
-        "pixels_coarse": int(coarse.sum()),
-        "pixels_refined": int(coarse.sum()),
+        "settings": asdict(settings), "skipped": None, "points": n_points,
+        "unusable_depth": int((coarse & ~usable).sum()), "outliers_removed": 0, "frames": [],
+        "clusters": [], "clusters_kept": 0, "clusters_removed": 0, "pixels_removed": 0,
+        "pixels_coarse": int(coarse.sum()), "pixels_refined": int(coarse.sum()),
     }
     if n_points < settings.min_points:
         report["skipped"] = (f"refinement skipped: only {n_points} coarse-dynamic pixels with "
@@ -411,69 +512,40 @@ def refine_masks(
                              "the points in; the coarse mask is used unchanged")
         return coarse.copy(), report
 
-    # 1. back-project the usable coarse pixels (only those: no full (T, H, W, 3) point map)
-    frame_idx, rows, cols = np.nonzero(usable)
-    points = np.empty((n_points, 3), dtype=np.float64)
-    for t in range(t_count):
-        sel = frame_idx == t
-        if not sel.any():
-            continue
-        # back-project frame t alone, then gather its coarse pixels
-        world = backproject(depth[t : t + 1], k_mats[t : t + 1], w2c[t : t + 1])[0]
-        points[sel] = world[rows[sel], cols[sel]]
-    colours = frames[frame_idx, rows, cols].astype(np.float64)
-
+    depth_scale = _median_depth(depth) if settings.score == "gradient" else None
     rng = np.random.default_rng(settings.seed)
-    if n_points > settings.max_points:
-        sample = np.sort(rng.choice(n_points, size=settings.max_points, replace=False))
-    else:
-        sample = np.arange(n_points)
-    report["points_used"] = int(sample.size)
-    in_sample = np.zeros(n_points, dtype=bool)
-    in_sample[sample] = True
+    raw = coarse & ~usable
+    for t in range(t_count):
+        rows, cols = np.nonzero(usable[t])
+        summary = {"frame": t, "points": int(rows.size), "outliers": None, "clustered": 0,
+                   "fitted": 0, "clusters": 0}
+        report["frames"].append(summary)
+        in_coarse = coarse[t, rows, cols]
+        if not in_coarse.any():  # nothing to refine: the outliers would change nothing
+            continue
+        world = backproject(depth[t : t + 1], k_mats[t : t + 1], w2c[t : t + 1])[0, rows, cols]
+        inlier = statistical_inliers(world, settings.neighbours, settings.std_ratio)
+        dyn = np.flatnonzero(inlier & in_coarse)
+        summary["outliers"], summary["clustered"] = int((~inlier).sum()), int(dyn.size)
+        report["outliers_removed"] += int((~inlier & in_coarse).sum())
+        if dyn.size == 0:
+            continue
+        labels, fit, clusters = _cluster_labels(world[dyn], settings, rng)
+        summary["fitted"], summary["clusters"] = int(fit.size), clusters
+        scores = cluster_scores(
+            world[dyn[fit]], labels[fit], images[t, rows[dyn[fit]], cols[dyn[fit]]], t, depth,
+            images, coarse, k_mats, w2c, settings, num_clusters=clusters,
+            depth_scale=depth_scale,
+        )
+        report["clusters"].extend(scores)
+        keep = dyn[np.array([entry["dynamic"] for entry in scores])[labels]]
+        raw[t, rows[keep], cols[keep]] = True
 
-    # 2. statistical outliers: the sample against itself, the rest against the sample
-    tree, k, mean_dist, threshold = _sor_threshold(points[sample], settings.neighbours,
-                                                   settings.std_ratio)
-    inlier = np.zeros(n_points, dtype=bool)
-    inlier[sample] = mean_dist <= threshold
-    rest = np.flatnonzero(~in_sample)
-    if rest.size:
-        inlier[rest] = _knn_mean_distance(tree, points[rest], k, self_query=False) <= threshold
-    report["outliers_removed"] = int((~inlier).sum())
-
-    # 3. k-means on the inliers of the sample; every inlier pixel takes its nearest centre
-    fit_index = sample[inlier[sample]]
-    n_clusters = int(min(settings.clusters, fit_index.size))
-    model = _kmeans(points[fit_index], n_clusters, settings.seed)
-    labels = np.full(n_points, -1, dtype=np.int64)
-    labels[fit_index] = model.labels_
-    others = np.flatnonzero(inlier & ~in_sample)
-    if others.size:
-        labels[others] = model.predict(points[others])
-
-    # 4. scores over the sampled inliers
-    scores = cluster_scores(
-        points[fit_index], labels[fit_index], frame_idx[fit_index], colours[fit_index],
-        depth, frames, coarse, k_mats, w2c,
-        score=settings.score, window=settings.window, tau=settings.tau,
-        min_valid=settings.min_valid, gradient_weight=settings.gradient_weight,
-        num_clusters=n_clusters,
-    )
-    dynamic_cluster = np.array([entry["dynamic"] for entry in scores], dtype=bool)
-    for entry in scores:
-        entry["kept"] = entry["dynamic"]  # kept in the mask = still dynamic
-    report["clusters"] = scores
-    report["clusters_kept"] = int(dynamic_cluster.sum())
-    report["clusters_removed"] = int((~dynamic_cluster).sum())
-
-    # 5. refined mask: coarse pixels of the dynamic clusters (+ unusable-depth pixels)
-    keep = inlier & dynamic_cluster[np.maximum(labels, 0)]
-    report["pixels_removed"] = int((inlier & ~keep).sum())
-    refined = coarse & ~usable
-    refined[frame_idx[keep], rows[keep], cols[keep]] = True
-    refined = morphology(refined, "close", settings.close)
-    refined = morphology(refined, "dilate", settings.dilate)
+    kept = sum(entry["dynamic"] for entry in report["clusters"])
+    report["clusters_kept"] = int(kept)
+    report["clusters_removed"] = len(report["clusters"]) - int(kept)
+    report["pixels_removed"] = int((coarse & ~raw).sum())
+    refined = close_and_dilate(raw, settings.close, settings.dilate, settings.close_kernel)
     report["pixels_refined"] = int(refined.sum())
     return refined, report
 

@@ -3,7 +3,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+# -qq: errors only (the machine's pip configuration warns about missing local indexes);
+# --no-warn-conflicts: DA3's declared requirements are left out on purpose (see above).
+PIP := $(PY) -m pip install -qq --disable-pip-version-check --no-warn-conflicts
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test test-slurm bench lint clean
@@ -19,8 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m vggt4d.run model=da3-small model.weights=random data=synthetic \
-		latent.encoder=tiny latent.weights=random
+	$(PY) -m vggt4d.run experiment=demo
 
 test: setup
 	$(PY) -m pytest -q

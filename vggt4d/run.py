@@ -39,15 +39,16 @@ from vggt4d.refine import RefineStage
 from vggt4d.second_pass import SecondPassStage
 from vggt4d.stage import Stage
 from vggt4d.sweeps import JobFailure
+from vggt4d.temporal import TemporalStage
 from vggt4d.tracking import TrackingStage, wait_for_logging
 
 log = logging.getLogger("vggt4d")
 
 STAGES: dict[str, type[Stage]] = {
     stage.name: stage
-    for stage in (FramesStage, PredictStage, GramStage, MapsStage, MasksStage, SecondPassStage,
-                  RefineStage, LayerPicturesStage, PicturesStage, EvalStage, LatentStage,
-                  ExportStage, TrackingStage)
+    for stage in (FramesStage, PredictStage, GramStage, TemporalStage, MapsStage, MasksStage,
+                  SecondPassStage, RefineStage, LayerPicturesStage, PicturesStage, EvalStage,
+                  LatentStage, ExportStage, TrackingStage)
 }
 """Every stage the runner can compose, by the name used in ``pipeline``, in the order stages
 run when nothing they read decides it."""
@@ -84,7 +85,27 @@ def run_job(cfg: DictConfig, out_dir: Path, job: JobInfo | None = None) -> Conte
     ctx = Context(run, out_dir, cache, job=job or JobInfo())
     execute(resolve(list(run.pipeline), STAGES, run), ctx)
     write_json(out_dir / TIMINGS, ctx.timings)
+    for line in explain(run.model.weights, ctx.artifacts.get("metrics")):
+        log.info(line)
     return ctx
+
+
+def explain(weights: str, metrics: dict | None) -> list[str]:
+    """What the job's figures mean, in words (the last lines of its log)."""
+    lines = []
+    if metrics and "JM" in metrics:
+        lines.append(f"masks vs ground truth ({metrics['protocol']}): JM {metrics['JM']:.3f} = "
+                     f"mean IoU over frames, FM {metrics['FM']:.3f} = boundary F-measure "
+                     f"(1 = perfect)")
+    if weights == "random":
+        lines.append("model.weights=random: DA3 has random weights, so depth, cameras and masks "
+                     "are noise and a JM near 0 is expected; use released weights "
+                     "(model.weights=<hub id or folder>) or the demo (experiment=demo)")
+    elif weights == "demo":
+        lines.append("model.weights=demo: hand-built da3-small weights that see the synthetic "
+                     "scene's red sphere (vggt4d/demo_weights.py): the masks find it; depth and "
+                     "cameras from these weights mean nothing")
+    return lines
 
 
 def sequential_jobs_follow() -> bool:

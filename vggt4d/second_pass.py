@@ -72,13 +72,17 @@ def hidden_blocks(layers: list[int], rule: str, alt_start: int, num_blocks: int)
     if alt_start < 0:
         raise UserError("second_pass.layer_rule=vggt needs a model with global attention "
                         "blocks; use second_pass.layer_rule=blocks with DA3 block numbers")
-    blocks = sorted({alt_start + 2 * layer + offset for layer in layers for offset in (0, 1)})
-    if blocks[-1] >= num_blocks:
-        last = (num_blocks - alt_start) // 2 - 1
+    pairs = (num_blocks - alt_start) // 2
+    beyond = sorted({layer for layer in layers if layer >= pairs})
+    if beyond:
+        log.warning("second_pass.layers %s are beyond this model's %d per-frame/global block "
+                    "pairs (blocks %d-%d); hiding keys in the others", beyond, pairs, alt_start,
+                    num_blocks - 1)
+    kept = [layer for layer in layers if layer < pairs]
+    if not kept:
         raise UserError(f"second_pass.layers={list(layers)}: this model has VGGT-style layers "
-                        f"0-{last} (blocks {alt_start}-{num_blocks - 1} in per-frame/global "
-                        f"pairs); use layers up to {last}")
-    return blocks
+                        f"0-{pairs - 1} only; use some of those")
+    return sorted({alt_start + 2 * layer + offset for layer in kept for offset in (0, 1)})
 
 
 def patch_mask_of(ctx) -> torch.Tensor:

@@ -88,6 +88,10 @@ class ModelConfig:
             raise UserError(f"unknown model.name '{self.name}'; known: "
                             f"{', '.join(MODEL_REGISTRY)}")
         check_bands(self.bands, ("shallow", "middle", "deep"), self.num_blocks, "model.bands")
+        if self.weights == "demo":
+            from vggt4d.demo_weights import check_demo_model
+
+            check_demo_model(self.name)
 
     def require_cameras(self, stage: str) -> None:
         """Raise :class:`UserError` when ``stage`` needs DA3's cameras and this model predicts

@@ -20,8 +20,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, ValidationError
 
+from vggt4d.config.chunk import ChunkConfig
 from vggt4d.config.cluster import ClusterConfig
-from vggt4d.config.data import ImagesData, SyntheticData, VideoData
+from vggt4d.config.data import DataConfig, DatasetData, ImagesData, SyntheticData, VideoData
 from vggt4d.config.eval import EvalConfig
 from vggt4d.config.export import ExportConfig
 from vggt4d.config.gram import GramConfig
@@ -41,10 +42,11 @@ from vggt4d.config.model import (
     scale_layer,
 )
 from vggt4d.config.points import PointsConfig
+from vggt4d.config.refine import RefineConfig
 from vggt4d.config.second_pass import LayerRule, SecondPassConfig
+from vggt4d.config.temporal import TemporalConfig
 from vggt4d.config.viz import VizConfig
 from vggt4d.errors import UserError
-from vggt4d.refine import RefineSettings
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class StageName(StrEnum):
 
     predict = "predict"
     gram = "gram"
+    temporal = "temporal"
     maps = "maps"
     masks = "masks"
     second_pass = "second_pass"
@@ -91,12 +94,16 @@ class RunConfig:
 
     model: ModelConfig = MISSING
     data: Any = MISSING
-    """One of :class:`ImagesData`, :class:`VideoData`, :class:`SyntheticData` (``data=``)."""
+    """One of :class:`ImagesData`, :class:`VideoData`, :class:`SyntheticData`,
+    :class:`DatasetData` (``data=``)."""
+    chunk: ChunkConfig = field(default_factory=ChunkConfig)
+    """Long videos as overlapping DA3 forwards aligned into one world (off by default)."""
     bands: BandsConfig = field(default_factory=default_bands)
     gram: GramConfig = field(default_factory=GramConfig)
+    temporal: TemporalConfig = field(default_factory=TemporalConfig)
     maps: MapsConfig = field(default_factory=MapsConfig)
     masks: MasksConfig = field(default_factory=MasksConfig)
-    refine: RefineSettings = field(default_factory=RefineSettings)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     second_pass: SecondPassConfig = field(default_factory=SecondPassConfig)
     viz: VizConfig = field(default_factory=VizConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -132,6 +139,7 @@ def register_configs() -> None:
     store.store(group="data", name="images_schema", node=ImagesData)
     store.store(group="data", name="video_schema", node=VideoData)
     store.store(group="data", name="synthetic_schema", node=SyntheticData)
+    store.store(group="data", name="dataset_schema", node=DatasetData)
     store.store(group="logger", name="logger_schema", node=LoggerConfig)
 
 
@@ -147,7 +155,7 @@ def round_process_res(process_res: int) -> int:
 
 
 LAYER_LISTS = (("gram", "layers"), ("maps", "std_layers"), ("viz", "layers"),
-               ("second_pass", "layers"))
+               ("second_pass", "layers"), ("temporal", "layers"))
 """Settings that hold block numbers (besides the bands)."""
 
 
@@ -248,17 +256,16 @@ def validate(cfg: DictConfig) -> RunConfig:
         raise UserError("pipeline=[] runs nothing: list stages, e.g. pipeline=[predict,gram,maps,"
                         "masks] (the default runs " + ", ".join(DEFAULT_PIPELINE) + ")")
     run.model.check()
-    if not isinstance(run.data, ImagesData | VideoData | SyntheticData):
-        raise UserError("data must be one of data=images, data=video, data=synthetic")
+    if not isinstance(run.data, DataConfig):
+        raise UserError("data must be one of data=images, data=video, data=synthetic, "
+                        "data=dataset")
     run.data.check()
     map_layers_to_model(run)
     check_bands(run.bands, CUE_BANDS, run.model.num_blocks)
     _check_layer_lists(run, run.model.num_blocks, "this model's blocks")
-    for group in (run.gram, run.maps, run.masks, run.second_pass, run.viz, run.eval, run.points,
-                  run.latent, run.export):
+    for group in (run.gram, run.maps, run.masks, run.refine, run.second_pass, run.viz, run.eval,
+                  run.points, run.latent, run.export, run.chunk):
         group.check()
-    run.refine.validate()
-    run.second_pass.check()
     run.process_res = round_process_res(run.process_res)
     if run.memory_limit_gb is not None and not run.memory_limit_gb > 0:
         raise UserError(f"memory_limit_gb={run.memory_limit_gb} must be > 0 (or null = device)")

@@ -9,9 +9,14 @@ on exit, also when the forward raises.
 
 Layout given to consumers, for local (per-frame) and global (whole-clip) blocks alike:
 ``q, k`` of shape ``(T, heads, N, head_dim)`` with ``N = patch_start_idx + h·w`` tokens per frame
-(special token first, then the patch grid row-major), frames in *input* order. DA3 moves a
-reference view to position 0 before block ``alt_start − 1`` when it has ≥ 3 frames and no poses;
-the permutation it applies is recorded here (by wrapping its ``select_reference_view``) and undone.
+(special token first, then the patch grid row-major), frames in *input* order. A consumer that
+asks for ``q_pre_rope`` / ``k_pre_rope`` (after qk-norm, before RoPE: what the AnyDynamics "hooks"
+research script took, a forward hook recomputing ``q_norm(qkv(x))``) gets them in the same layout,
+recomputed from the attention's input with the block's own ``qkv`` and ``q_norm``/``k_norm`` —
+bit-identical to the forward's intermediate, and computed only for a consumer that reads them.
+DA3 moves a reference view to position 0 before block ``alt_start − 1`` when it has ≥ 3 frames and
+no poses; the permutation it applies is recorded here (by wrapping its ``select_reference_view``)
+and undone.
 """
 
 from __future__ import annotations
@@ -110,6 +115,10 @@ class BlockQK:
     raw_q: Tensor = field(repr=False)
     raw_k: Tensor = field(repr=False)
     state: _ClipState = field(repr=False)
+    attn_input: Tensor | None = field(default=None, repr=False)
+    """The attention's input ``x`` (the block's normalised tokens), for :attr:`q_pre_rope`."""
+    attn: nn.Module | None = field(default=None, repr=False)
+    """The block's ``Attention`` module, for :attr:`q_pre_rope`."""
 
     def _frames_first(self, x: Tensor) -> Tensor:
         """(B·T, heads, N, d) local or (1, heads, T·N, d) global → (T, heads, N, d), input order."""
@@ -126,6 +135,31 @@ class BlockQK:
     @cached_property
     def k(self) -> Tensor:
         return self._frames_first(self.raw_k)
+
+    @cached_property
+    def _pre_rope(self) -> tuple[Tensor, Tensor]:
+        """``q_norm(q), k_norm(k)`` of ``qkv(x)`` in the raw layout, as the forward computes them
+        before RoPE: the same modules and input, and (read during the consumer call) the same
+        autocast state, so the same values."""
+        if self.attn_input is None or self.attn is None:
+            raise ValueError(f"layer {self.layer}: this capture carries no attention input, so "
+                             f"its pre-RoPE Q/K cannot be recomputed")
+        batch, tokens, channels = self.attn_input.shape
+        heads = self.attn.num_heads
+        qkv = self.attn.qkv(self.attn_input).reshape(batch, tokens, 3, heads, channels // heads)
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return self.attn.q_norm(q), self.attn.k_norm(k)
+
+    @cached_property
+    def q_pre_rope(self) -> Tensor:
+        """Q after qk-norm, before RoPE: ``(T, heads, N, head_dim)``, input order (equal to
+        :attr:`q` in blocks without RoPE); recomputed on first access only."""
+        return self._frames_first(self._pre_rope[0])
+
+    @cached_property
+    def k_pre_rope(self) -> Tensor:
+        """K after qk-norm, before RoPE, as :attr:`q_pre_rope`."""
+        return self._frames_first(self._pre_rope[1])
 
 
 @dataclass
@@ -181,7 +215,7 @@ def _attention_with_capture(
         if attn.rope is not None and pos is not None:
             q, k = attn.rope(q, pos), attn.rope(k, pos)
         if consumer is not None:
-            consumer(BlockQK(layer, is_global, state.layout, q, k, state))
+            consumer(BlockQK(layer, is_global, state.layout, q, k, state, x, attn))
         mask = attn_mask[:, None].repeat(1, heads, 1, 1) if attn_mask is not None else None
         keep = state.keep_keys(is_global) if key_mask else None
         if keep is not None and mask is None:

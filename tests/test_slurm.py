@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -30,7 +31,7 @@ from vggt4d.cluster import (
     Request,
     Slurm,
     Task,
-    clip_shape,
+    job_needs,
     parse_gres,
     parse_sinfo,
     parse_squeue,
@@ -40,7 +41,6 @@ from vggt4d.cluster import (
     watch,
 )
 from vggt4d.config.cluster import ClusterConfig
-from vggt4d.config.data import ImagesData, VideoData
 from vggt4d.errors import UserError
 
 cluster = pytest.mark.skipif(os.environ.get("VGGT4D_SLURM_TESTS") != "1",
@@ -177,30 +177,46 @@ def test_submitit_parameters_carry_the_plan():
     assert (gpu["slurm_partition"], gpu["gpus_per_node"]) == ("gpu", 2)
 
 
-# --- clip sizes before a job runs ----------------------------------------------------------------
+# --- what a job needs, before it runs -------------------------------------------------------
 
-def test_clip_shape_from_image_headers(tmp_path):
+def _validated(*overrides: str):
+    from hydra import compose, initialize_config_module
+
+    from vggt4d.config import validate
+
+    with initialize_config_module("conf", version_base="1.3"):
+        return validate(compose("config", overrides=list(overrides)))
+
+
+def test_job_needs_the_estimate_of_its_largest_forward(tmp_path):
+    from vggt4d.model import build_network, head_features, parameter_count
+    from vggt4d.resources import estimate_forward_memory
+
     for index in range(5):
         Image.new("RGB", (100, 60)).save(tmp_path / f"f{index}.png")
-    (tmp_path / "notes.txt").write_text("not a frame")
-    # every 2nd of 5 → 3, at most 2; 100x60 at 112: 112 x 67.2 → multiples of 14: 112 x 70
-    assert clip_shape(ImagesData(path=str(tmp_path), stride=2, max_frames=2), 112) == (2, 70, 112)
-    assert clip_shape(ImagesData(path=str(tmp_path / "missing")), 112) is None
+    base = ["data=images", f"data.path={tmp_path}", "process_res=112", "device=cpu"]
+    net = build_network("da3-small", empty=True)
+
+    def expected(frames: int) -> int:
+        # 100x60 at 112: 112 x 67.2 → multiples of 14: 112 x 70; ViT-S width 384, fp32
+        return estimate_forward_memory(
+            num_params=parameter_count(net), frames=frames, height=70, width=112, embed_dim=384,
+            head_features=head_features("da3-small"), dtype=torch.float32).total
+
+    whole = job_needs(_validated(*base))
+    assert (whole.device, whole.cpu_bytes, whole.adapts) == ("cpu", expected(5), False)
+    assert whole.cuda_bytes < whole.cpu_bytes
+    chunked = job_needs(_validated(*base, "chunk.length=3", "chunk.overlap=1"))
+    assert chunked.cpu_bytes == expected(3)
+    assert job_needs(_validated(*base, "memory_limit_gb=0.5")).cpu_bytes == GIB // 2
+    assert job_needs(_validated(*base, "chunk.auto=true")).adapts
+    missing = job_needs(_validated("data=images", f"data.path={tmp_path / 'none'}"))
+    assert (missing.cpu_bytes, missing.cuda_bytes) == (None, None)
 
 
-def test_clip_shape_from_a_video_header(tmp_path):
-    import imageio_ffmpeg
-
-    path = tmp_path / "clip.mp4"
-    writer = imageio_ffmpeg.write_frames(str(path), (64, 48), fps=10, macro_block_size=16)
-    writer.send(None)
-    for index in range(20):  # 2 s at 10 fps
-        writer.send(np.full((48, 64, 3), index * 10, np.uint8).tobytes())
-    writer.close()
-    # 2 s at fps=5 → 10 frames; 64x48 at 56: 56 x 42
-    assert clip_shape(VideoData(path=str(path), fps=5.0), 56) == (10, 42, 56)
-    assert clip_shape(VideoData(path=str(path), fps=50.0, max_frames=0), 56)[0] == 20  # capped
-    assert clip_shape(VideoData(path=str(tmp_path / "none.mp4")), 56) is None
+def test_jobs_that_fit_their_chunks_to_memory_ask_for_a_node_at_most():
+    adapting = [JobNeeds("auto", 30 * GIB, GIB, adapts=True)] * 2
+    assert plan_request(ClusterConfig(), adapting, [SMALL_NODE]).mem_gb == 23  # 24105 MB
 
 
 # --- following the queue ----------------------------------------------------------------

@@ -32,8 +32,8 @@ MIN_MEM_GB = 2
 MEMORY_HEADROOM = 1.25
 """Automatic memory = estimate × this: arrays of the stages after the forward."""
 DEFAULT_MEM_GB = 8
-"""Automatic memory when no job's clip can be measured before it runs (e.g. a missing path:
-that job then fails with the reason itself)."""
+"""Automatic memory when no job's clip can be read before it runs (e.g. a missing path: that
+job then fails with the reason itself)."""
 
 STUCK_REASONS = {
     "PartitionConfig": "the request exceeds what the partition allows",
@@ -136,6 +136,8 @@ class JobNeeds:
     device: str
     cpu_bytes: int | None
     cuda_bytes: int | None
+    adapts: bool = False
+    """The job fits its forwards to the memory it finds (``chunk.auto``)."""
 
 
 @dataclass(frozen=True)
@@ -156,77 +158,49 @@ class Request:
                 f"{self.time_min} min per job")
 
 
-def clip_shape(data: object, process_res: int) -> tuple[int, int, int] | None:
-    """``(T, h, w)`` of the clip a job will process, from metadata only (image headers, the
-    video's duration and rate); None when the source cannot be read before the job runs."""
-    from PIL import Image
-
-    from vggt4d.config.data import ImagesData, SyntheticData, VideoData
-    from vggt4d.frames import IMAGE_SUFFIXES, processing_size
-
-    if isinstance(data, SyntheticData):
-        frames, height, width = data.num_frames, data.height, data.width
-    elif isinstance(data, ImagesData):
-        folder = Path(data.path).expanduser()
-        if not folder.is_dir():
-            return None
-        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not paths:
-            return None
-        frames = len(paths[:: data.stride])
-        with Image.open(paths[0]) as image:
-            width, height = image.size
-    elif isinstance(data, VideoData):
-        frames, height, width = video_shape(Path(data.path).expanduser(), data.fps)
-        if frames == 0:
-            return None
-    else:
-        return None
-    if getattr(data, "max_frames", 0):
-        frames = min(frames, data.max_frames)
-    return (frames, *processing_size(height, width, process_res))
-
-
-def video_shape(path: Path, fps: float) -> tuple[int, int, int]:
-    """Frames at ``fps`` (capped at the video's own rate), height and width of a video, from
-    its header; (0, 0, 0) when it cannot be read."""
-    import imageio_ffmpeg
+def forward_frames(run: object) -> int | None:
+    """Frames of the largest DA3 forward a validated job will run: the clip's (read from its
+    metadata by :func:`vggt4d.frames.probe_clip`), or ``chunk.length`` when shorter; None when
+    the source cannot be read before the job runs (the job then fails with the reason)."""
+    from vggt4d.frames import probe_clip
 
     try:
-        reader = imageio_ffmpeg.read_frames(str(path))
-        meta = next(reader)
-        reader.close()
-    except (RuntimeError, OSError, StopIteration):
-        return 0, 0, 0
-    width, height = meta["size"]
-    return math.ceil(meta["duration"] * min(fps, meta["fps"])), height, width
+        frames = probe_clip(run.data, run.process_res).num_frames
+    except UserError:
+        return None
+    return min(frames, run.chunk.length) if run.chunk.length > 0 else frames
 
 
 def job_needs(run: object) -> JobNeeds:
     """Device and host memory of one validated job (:class:`vggt4d.config.RunConfig`).
 
-    On CPU the host holds the whole forward (:func:`vggt4d.resources.estimate_forward_memory`,
-    fp32 unless ``dtype`` says otherwise); with CUDA it holds the weights twice while they
-    load, the runtime and the captured statistics.
+    On CPU the host holds the whole forward (:func:`vggt4d.resources.estimate_forward_memory`
+    for the largest forward, fp32 unless ``dtype`` says otherwise; at most ``memory_limit_gb``,
+    beyond which the job refuses or chunks); with CUDA it holds the weights twice while they
+    load, the runtime and the captured statistics. ``chunk.auto`` jobs fit their chunks to
+    the memory they find, so their need may be capped at a node's.
     """
     import torch
 
+    from vggt4d.frames import probe_clip
     from vggt4d.model import build_network, depth_table, head_features, parameter_count
     from vggt4d.resources import DTYPE_OF, RUNTIME_OVERHEAD_BYTES, estimate_forward_memory
 
-    device = str(run.device)
-    shape = clip_shape(run.data, run.process_res)
-    if shape is None:
+    device, frames = str(run.device), forward_frames(run)
+    if frames is None:
         return JobNeeds(device, None, None)
-    frames, height, width = shape
+    height, width = probe_clip(run.data, run.process_res).size
     net = build_network(run.model.name, empty=True)
     estimate = estimate_forward_memory(
         num_params=parameter_count(net), frames=frames, height=height, width=width,
         embed_dim=depth_table(net, run.model.hooked_network)["embed_dim"],
         head_features=head_features(run.model.name),
         dtype=DTYPE_OF.get(str(run.dtype), torch.float32))
-    return JobNeeds(device, estimate.total,
-                    2 * estimate.weights + RUNTIME_OVERHEAD_BYTES + estimate.captured)
+    cpu = estimate.total
+    if run.memory_limit_gb:
+        cpu = min(cpu, int(run.memory_limit_gb * GIB))
+    return JobNeeds(device, cpu, 2 * estimate.weights + RUNTIME_OVERHEAD_BYTES
+                    + estimate.captured, adapts=bool(run.chunk.auto))
 
 
 def partition_nodes(cluster: ClusterConfig, nodes: Sequence[Node]) -> tuple[str, list[Node]]:
@@ -283,16 +257,22 @@ def plan_memory(cluster: ClusterConfig, jobs: Sequence[JobNeeds], gpus: int,
     """GB per task: ``cluster.mem_gb``, or the largest job's need × headroom."""
     if cluster.mem_gb is not None:
         return cluster.mem_gb
-    needs = [job.cuda_bytes if gpus else job.cpu_bytes for job in jobs]
-    known = [need for need in needs if need is not None]
+    node_gb = max(1, largest_mb // 1024)
+    needs = [(job.cuda_bytes if gpus else job.cpu_bytes, job.adapts) for job in jobs]
+    known = [(need, adapts) for need, adapts in needs if need is not None]
     if not known:
-        return min(DEFAULT_MEM_GB, max(1, largest_mb // 1024))
-    mem_gb = max(MIN_MEM_GB, math.ceil(max(known) * MEMORY_HEADROOM / GIB))
+        return min(DEFAULT_MEM_GB, node_gb)
+    mem_gb = max(MIN_MEM_GB, math.ceil(max(need for need, _ in known) * MEMORY_HEADROOM / GIB))
+    if mem_gb > node_gb and all(adapts for _, adapts in known):
+        log.info("jobs would need about %d GB for their whole clip; chunk.auto fits their "
+                 "chunks into the %d GB of a node of partition %s", mem_gb, node_gb, name)
+        return node_gb
     if mem_gb * 1024 > largest_mb:
         raise UserError(f"each job needs about {mem_gb} GB (memory estimate of the largest clip "
                         f"and model) but the largest node of partition {name} has "
                         f"{largest_mb / 1024:.1f} GB; lower data.max_frames or process_res, "
-                        f"choose a smaller model, or set cluster.mem_gb")
+                        f"split the clip (chunk.length, chunk.auto), choose a smaller model, or "
+                        f"set cluster.mem_gb")
     return mem_gb
 
 

@@ -16,7 +16,9 @@ A band's statistic is the mean of its layers' statistics (``mean_of_layers``) or
 the layer-averaged similarities (``exact``, the official order, computed in the forward).
 Options for the AnyDynamics research scripts: ``normalize_scope=sequence`` (one normalisation
 for the whole clip), ``deep_form=inverted`` (w_deep = 1 − N(S^QQ)·(1 − N(V^QQ))),
-``fusion=sum``, ``mix_inv_similarity`` (the fused map averaged with 1 − N(S^QK)).
+``fusion=sum``, ``mix_inv_similarity`` (the fused map averaged with 1 − N(S^QK)), and
+``cue=query_cosine`` (the "hooks" script: Dyn = N(1 − mean query cosine across frames), from
+:mod:`vggt4d.temporal` instead of the Gram statistics).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import Tensor
 from vggt4d.config.gram import Pair
 from vggt4d.config.maps import (
     BandMode,
+    Cue,
     DeepForm,
     Fusion,
     MapsConfig,
@@ -42,6 +45,7 @@ from vggt4d.errors import UserError
 from vggt4d.gram import band_key, stat_key
 from vggt4d.io import write_safetensors
 from vggt4d.stage import Stage
+from vggt4d.temporal import query_cosine_cue
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +170,17 @@ class MapsStage(Stage):
     requires = ("gram_stats",)
     provides = ("maps",)
 
+    def reads(self, cfg) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """``maps.cue=query_cosine`` reads the temporal statistics instead of the Gram ones."""
+        if cfg.maps.cue == Cue.query_cosine:
+            return ("temporal_stats",), ()
+        return self.requires, self.optional
+
     def check(self, ctx) -> None:
         """The cues need all three pairs, and every layer they read must be computed."""
         cfg = ctx.cfg
+        if cfg.maps.cue == Cue.query_cosine:
+            return
         if set(cfg.gram.pairs) != set(Pair):
             raise UserError(f"gram.pairs={[str(p) for p in cfg.gram.pairs]}: the maps stage "
                             f"needs qq, kk and qk")
@@ -187,6 +199,13 @@ class MapsStage(Stage):
 
     def run(self, ctx) -> None:
         cfg = ctx.cfg
+        if cfg.maps.cue == Cue.query_cosine:
+            cue = query_cosine_cue(ctx.artifacts["temporal_stats"])
+            maps = DynamicMaps({"query_cosine": cue}, config_normalizer(cfg.maps)(cue), {})
+            maps.save(ctx.out_dir / "dynamic_maps.safetensors")
+            ctx.artifacts["maps"] = maps
+            log.info("maps: 1 - mean query cosine across frames (%s)", cfg.maps.normalize)
+            return
         stats: dict[str, Tensor] = ctx.artifacts["gram_stats"]
         bands = cue_bands(cfg)
         norm = config_normalizer(cfg.maps)

@@ -45,10 +45,21 @@ class Fusion(StrEnum):
     sum = "sum"
 
 
+class Cue(StrEnum):
+    """``vggt4d``: the fused VGGT4D cues from the Gram statistics; ``query_cosine``: 1 − the
+    mean cosine of each patch's pre-RoPE query with the same patch in the other frames
+    (:mod:`vggt4d.temporal`, the AnyDynamics "hooks" research script)."""
+
+    vggt4d = "vggt4d"
+    query_cosine = "query_cosine"
+
+
 @dataclass
 class MapsConfig:
     """How the statistics become cue maps and the fused dynamic map."""
 
+    cue: Cue = Cue.vggt4d
+    """The dynamic map's source; with ``query_cosine`` only the normalisation settings apply."""
     band_mode: BandMode = BandMode.mean_of_layers
     global_only: bool = False
     """Keep only the global (cross-frame) blocks of each band, as VGGT4D uses VGGT's."""

@@ -531,3 +531,69 @@ def test_mean_above_thresholds_each_frame_at_the_mean_of_its_strong_values():
     assert masks[0].sum() == 1 and masks[0, 0, 2]
     assert not masks[1].any() and info["thresholds"][1] is None
     assert info["thresholds"][0] == pytest.approx(1.7 / 3)
+
+
+def _bilinear_reference(maps: np.ndarray, scale: int) -> np.ndarray:
+    """Bilinear upsampling written out (align_corners=False: source x = (X + 0.5)/scale − 0.5,
+    clamped to the grid), float64."""
+    _, rows, cols = maps.shape
+    ys = np.clip((np.arange(rows * scale) + 0.5) / scale - 0.5, 0, rows - 1)
+    xs = np.clip((np.arange(cols * scale) + 0.5) / scale - 0.5, 0, cols - 1)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    y1, x1 = np.minimum(y0 + 1, rows - 1), np.minimum(x0 + 1, cols - 1)
+    wy, wx = (ys - y0)[None, :, None], (xs - x0)[None, None, :]
+    top = maps[:, y0][:, :, x0] * (1 - wx) + maps[:, y0][:, :, x1] * wx
+    bottom = maps[:, y1][:, :, x0] * (1 - wx) + maps[:, y1][:, :, x1] * wx
+    return top * (1 - wy) + bottom * wy
+
+
+def _vggt4d_chain_reference(dyn: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """VGGT4D's binarisation from its description: k-means (64 clusters, seed 42, scikit-learn
+    defaults) over all patches' features, cluster means, every frame min–max rescaled with
+    1e-6, bilinear ×14, one adaptive multi-Otsu threshold (n = 2, 3, 4; 256 bins; score =
+    variance of the class means / √n; the top threshold of the best n); mask = map > t."""
+    from skimage.filters import threshold_multiotsu
+    from sklearn.cluster import KMeans
+
+    labels = KMeans(n_clusters=64, random_state=42).fit_predict(
+        features.reshape(-1, features.shape[-1]).astype(np.float32))
+    flat = dyn.reshape(-1).astype(np.float64)
+    means = np.array([flat[labels == c].mean() if (labels == c).any() else 0.0
+                      for c in range(64)])
+    smooth = means[labels].reshape(dyn.shape)
+    low = smooth.min(axis=(1, 2), keepdims=True)
+    high = smooth.max(axis=(1, 2), keepdims=True)
+    soft = _bilinear_reference((smooth - low) / (high - low + 1e-6), 14)
+    best, threshold = -np.inf, np.inf
+    for n in (2, 3, 4):
+        cuts = threshold_multiotsu(soft.ravel(), classes=n, nbins=256)
+        classes = np.digitize(soft.ravel(), cuts, right=True)
+        class_means = [soft.ravel()[classes == j].mean() for j in range(n)]
+        score = np.var(class_means) / np.sqrt(n)
+        if score > best:
+            best, threshold = score, cuts[-1]
+    return soft > threshold
+
+
+def test_vggt4d_kmeans_rescale_multi_otsu_chain_matches_its_description():
+    from vggt4d.config.masks import MasksConfig
+    from vggt4d.masks import soft_masks
+
+    rng = np.random.default_rng(5)
+    frames, rows, cols = 4, 6, 7
+    features = rng.normal(size=(frames, rows, cols, 16))
+    dyn = rng.random((frames, rows, cols))
+    dyn[2] *= 0.3  # a frame with a lower maximum: the per-frame rescale decides its masks
+    settings = MasksConfig(kmeans=True)
+    soft = soft_masks(dyn.astype(np.float32), np.zeros((frames, rows * 14, cols * 14, 3),
+                                                       np.uint8), None, settings,
+                      features.astype(np.float32))
+    binary, _ = binarize(soft, "multi_otsu")
+    expected = _vggt4d_chain_reference(dyn, features)
+    assert (binary == expected).mean() > 0.999
+    assert binary[2].any()  # rescaled: the weak frame still gets its own mask
+    unscaled = soft_masks(dyn.astype(np.float32), np.zeros((frames, rows * 14, cols * 14, 3),
+                                                           np.uint8), None,
+                          MasksConfig(kmeans=True, kmeans_rescale=False),
+                          features.astype(np.float32))
+    assert not np.array_equal(binarize(unscaled, "multi_otsu")[0], binary)

@@ -130,3 +130,89 @@ def test_patch_drop_rules_against_a_brute_force_count():
                     assert got[t, 1 + row * 3 + col] == expected
     with pytest.raises(UserError, match="do not match the 3x2 patch grid"):
         patch_drop(masks[:, :27], (2, 3), 1)
+
+
+def test_vggt_layers_map_to_da3s_alternating_blocks():
+    from vggt4d.second_pass import hidden_blocks
+
+    # VGGT layer i = a per-frame and a global block; DA3 alternates them from alt_start on
+    assert hidden_blocks([0, 1, 2, 3, 4], "vggt", 13, 40) == list(range(13, 23))  # giant
+    assert hidden_blocks([0, 1, 2, 3, 4], "vggt", 4, 12) == list(range(4, 12))  # small: 4 pairs
+    assert hidden_blocks([1, 2], "blocks", 4, 12) == [1, 2]
+    with pytest.raises(UserError, match="layer_rule=blocks"):
+        hidden_blocks([0], "vggt", -1, 24)  # da3mono/da3metric: no global blocks
+
+
+def test_hiding_dynamic_patches_reaches_across_frames_with_the_demo_weights():
+    """With the built-in demo weights on the synthetic scene, hiding the sphere's patches in the
+    blocks VGGT4D's layers 0-4 map to changes the cross-frame (global block 5) attention of
+    static queries in every frame, while their attention among the keys still visible keeps its
+    proportions; blocks 0-4 taken literally (all per-frame in DA3) never reach block 5."""
+    from vggt4d.demo_weights import plant
+    from vggt4d.frames import normalize, processing_size, resize_frames
+    from vggt4d.model import build_network
+    from vggt4d.second_pass import hidden_blocks
+    from vggt4d.synthetic import SyntheticConfig, render_scene
+
+    torch.manual_seed(0)
+    net = plant(build_network("da3-small")).eval()
+    scene = render_scene(SyntheticConfig(num_frames=4, width=140, height=98, object_speed=2.5))
+    size = processing_size(98, 140, 140)
+    frames = resize_frames(scene.frames, size)
+    masks = np.stack([np.asarray(resize_frames(m[None, ..., None].repeat(3, -1).astype(np.uint8)
+                                               * 255, size)[0, ..., 0] > 127)
+                      for m in scene.dynamic_masks])
+    grid = (size[0] // 14, size[1] // 14)
+    drop = patch_drop(masks, grid, 1)
+    assert drop.any()
+    images = normalize(frames)[None]
+    global_block = 5
+
+    def run(blocks):
+        seen = {}
+
+        def keep(capture):
+            if capture.layer == global_block:
+                seen["q"], seen["k"] = capture.q.double(), capture.k.double()
+                seen["x"] = capture.attn_input[0].double()  # (T·N, C), frames in input order
+
+        attn = net.backbone.pretrained.blocks[global_block].attn
+        handle = attn.proj.register_forward_hook(
+            lambda _m, args, _o: seen.update(out=args[0][0].double()))
+        key_mask = KeyMask(drop, frozenset(blocks)) if blocks else None
+        try:
+            with torch.inference_mode(), capture_attention(net, keep, key_mask=key_mask,
+                                                           layers=[global_block]):
+                net(images, export_feat_layers=[], ref_view_strategy="first")
+        finally:
+            handle.remove()
+        return seen
+
+    plain = run([])
+    mapped = run(hidden_blocks([0, 1, 2, 3, 4], "vggt", 4, 12))
+    literal = run(hidden_blocks([0, 1, 2, 3, 4], "blocks", 4, 12))
+    assert torch.equal(literal["out"], plain["out"])  # per-frame blocks only: block 5 untouched
+
+    frames_n, heads, tokens, dim = plain["q"].shape
+    q = plain["q"].transpose(0, 1).reshape(heads, -1, dim)
+    k = plain["k"].transpose(0, 1).reshape(heads, -1, dim)
+    logits = q @ k.transpose(-1, -2) / dim**0.5  # (heads, T·N, T·N): every frame's keys
+    hidden = drop.reshape(-1)
+    before = logits.softmax(-1)
+    after = logits.masked_fill(hidden, float("-inf")).softmax(-1)
+    static = ~hidden
+    assert (after[:, static][..., hidden] == 0).all()
+    ratio = after[:, static][..., ~hidden] / before[:, static][..., ~hidden]
+    torch.testing.assert_close(ratio, ratio[..., :1].expand_as(ratio))  # proportions kept
+    # the forward's output is exactly that masked attention, and differs for static queries of
+    # every frame, including frames whose own patches are not hidden
+    attn = net.backbone.pretrained.blocks[global_block].attn
+    with torch.no_grad():
+        qkv = plain["x"] @ attn.qkv.weight.double().T + attn.qkv.bias.double()
+    v = qkv.view(-1, 3, heads, dim)[:, 2].transpose(0, 1)  # (heads, T·N, d)
+    expected = (after @ v).transpose(0, 1).reshape(frames_n * tokens, heads * dim)
+    torch.testing.assert_close(mapped["out"], expected, rtol=1e-4, atol=1e-5)
+    change = (mapped["out"] - plain["out"]).reshape(frames_n, tokens, -1).abs().amax(-1)
+    static_by_frame = static.reshape(frames_n, tokens)
+    for t in range(frames_n):
+        assert (change[t][static_by_frame[t]] > 1e-6).all(), t

@@ -31,7 +31,7 @@ def test_every_model_config_composes_and_matches_its_network(name):
 
 
 def test_parameter_counts_of_the_built_networks():
-    """The published sizes (DESIGN §2), so a wrong DA3 config would be noticed."""
+    """The published sizes of the DA3 presets, so a wrong DA3 config would be noticed."""
     expected = {"da3-small": 34.3e6, "da3-large": 410.9e6, "da3-giant": 1355.7e6,
                 "da3nested-giant-large": 1689.8e6}
     for name, count in expected.items():

@@ -21,7 +21,7 @@ def _write_images(folder, sizes, fmt="png"):
 
 
 @pytest.mark.parametrize(("size", "res", "expected"), [
-    ((480, 640), 504, (378, 504)),   # DESIGN §2: 640×480 → 504×378, grid 36×27
+    ((480, 640), 504, (378, 504)),   # DA3's preprocessing: 640×480 → 504×378, grid 36×27
     ((504, 504), 504, (504, 504)),
     ((210, 280), 280, (210, 280)),
     ((1080, 1920), 504, (280, 504)),  # 283.5 → 284 → nearest multiple 280

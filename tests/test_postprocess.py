@@ -272,7 +272,7 @@ def test_temporal_gaussian_ends_and_zero_sigma():
 def test_spatial_gaussian_per_frame():
     maps = np.zeros((2, 11, 11))
     maps[0, 5, 5] = 1.0
-    out = spatial_gaussian(maps, 0.5, truncate=2.0)  # 3×3 taps, the user's v4 blur
+    out = spatial_gaussian(maps, 0.5, truncate=2.0)  # 3×3 taps, the any4dgs v4 blur
     np.testing.assert_array_equal(out[1], 0.0)
     reference = cv2.GaussianBlur(maps[0], (3, 3), 0.5)
     np.testing.assert_allclose(out[0], reference, atol=1e-6)

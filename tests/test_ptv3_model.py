@@ -231,7 +231,7 @@ def test_official_config_dicts():
 
 
 def _design_keys(config: PTv3Config) -> set[str]:
-    """The key list of DESIGN.md §4, expanded for ``config``."""
+    """Concerto's released key list, expanded for ``config``."""
     keys = {"embedding.mask_token"}
     keys |= {f"embedding.stem.{m}.{p}" for m in ("linear", "norm") for p in ("weight", "bias")}
     block_modules = ("cpe.0", "cpe.1", "cpe.2", "norm1.0", "attn.qkv", "attn.proj", "norm2.0",

@@ -1,6 +1,6 @@
 """Pointcept-style grid sampling (voxelisation) of point clouds, vectorised in torch.
 
-Semantics (Pointcept's ``GridSample`` transform, DESIGN.md §4):
+Semantics (Pointcept's ``GridSample`` transform; docs/method.md):
 
 * :func:`voxelize`: ``grid_coord = floor(coord / g) − min(floor(coord / g))`` per axis (int64),
   i.e. the lattice is anchored at integer multiples of ``g`` and shifted so the smallest cell

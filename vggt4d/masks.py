@@ -16,10 +16,10 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image
 
 from vggt4d import postprocess
+from vggt4d.chunks import ChunkedTap, FrameRows
 from vggt4d.config.masks import KMeansFeatures, MasksConfig, Upsample
 from vggt4d.config.model import ModelConfig
 from vggt4d.errors import UserError
@@ -47,7 +47,7 @@ def write_mask_png(path, mask: np.ndarray) -> None:
 
 
 SPATIAL_TRUNCATE = 2.0
-"""Patch-level spatial Gaussian reaches 2σ: 3×3 taps at σ = 0.5 (the user's v4 script)."""
+"""Patch-level spatial Gaussian reaches 2σ: 3×3 taps at σ = 0.5 (the AnyDynamics any4dgs v4 script)."""
 
 
 def grey_morphology(soft: np.ndarray, steps: list[str]) -> np.ndarray:
@@ -125,19 +125,20 @@ class MasksStage(Stage):
         if not ctx.cfg.masks.kmeans:
             return None
         block = feature_block(ctx.cfg.model, ctx.cfg.masks.kmeans_features)
-        kept: dict[str, torch.Tensor] = {}
+        kept = FrameRows()  # over chunks: each frame's rows from the chunk that owns it
         start = ctx.cfg.model.patch_start_idx
 
         def keep(tokens) -> None:
             grid = tokens.layout.grid
             patches = tokens.tokens_out[:, start:]
-            kept["features"] = patches.reshape(len(patches), *grid, -1).half().cpu()
+            kept.put(patches.reshape(len(patches), *grid, -1).half().cpu())
 
         def save(out_dir) -> None:
-            write_safetensors(out_dir / FEATURES_FILE, kept, {"block": block})
+            write_safetensors(out_dir / FEATURES_FILE, {"features": kept.value}, {"block": block})
 
-        return ForwardTap(key={"patch_features": block}, files=(FEATURES_FILE,), save=save,
-                          on_tokens=keep, token_layers=frozenset({block}))
+        return ChunkedTap(key={"patch_features": block}, files=(FEATURES_FILE,), save=save,
+                          on_tokens=keep, token_layers=frozenset({block}),
+                          start_chunk=kept.start)
 
     def run(self, ctx) -> None:
         settings = ctx.cfg.masks

@@ -1,6 +1,6 @@
 """The pictures stages: colour-mapped maps per frame, overlays, contact sheets and videos.
 
-Written under the job directory, named like the user's files so their habits carry over:
+Written under the job directory, named like the AnyDynamics research scripts' files so their habits carry over:
 - ``maps/layer_{L:02d}_frame{t:03d}_{similarity,inv_similarity,variance,stability}.png``
   (Easi3R maps of the chosen layers), ``maps/cues_frame{t:03d}_{w_shallow,w_middle,w_deep}.png``,
   ``maps/fused_frame{t:03d}_final_mask.png`` (the soft dynamic map);
@@ -47,7 +47,7 @@ def sheet_frames(frames: list[int], num_frames: int) -> list[int]:
 def heatmaps(maps: Tensor, size: tuple[int, int], power: float = 1.0,
              blur: float = 0.0) -> np.ndarray:
     """(T, h, w) maps in [0, 1] → (T, H, W) for display: raised to ``power``, upsampled, and
-    blurred with σ = ``blur``·W (the user's heatmaps: power 1.5, σ ≈ 0.02·W)."""
+    blurred with σ = ``blur``·W (the research scripts' heatmaps: power 1.5, σ ≈ 0.02·W)."""
     frames = upsample_bilinear(maps.clamp(0, 1).numpy() ** power, size)
     return spatial_gaussian(frames, blur * size[1]) if blur > 0 else frames
 

@@ -4,13 +4,13 @@ Pure, vectorised functions; every map stack is ``(T, H, W)`` (frames first) and 
 mixes frames unless its name says so (:func:`temporal_gaussian`, :func:`kmeans_smooth`, and the
 whole-sequence :func:`adaptive_multi_otsu`).
 
-Where the steps come from (DESIGN.md §3 and the user's scripts in SEED_SCRIPTS.md):
+Where the steps come from (docs/method.md):
 
 - VGGT4D (arXiv 2511.19971): k-means (64 clusters) over the patch features of all frames, each
   patch takes its cluster's mean Dyn (:func:`kmeans_smooth`); bilinear upsampling
   (:func:`upsample_bilinear`); one adaptive multi-Otsu threshold per sequence
   (:func:`adaptive_multi_otsu`); close 5×5 and dilate 3×3 after refinement (:func:`morphology`).
-- The user's scripts: guided filter with a grey guide (box 0.02·W, eps 1e-4) or an "RGB-D" guide
+- The AnyDynamics research scripts: guided filter with a grey guide (box 0.02·W, eps 1e-4) or an "RGB-D" guide
   0.7·grey + 0.3·depth (:func:`guided_filter`, :func:`guide_from_frames`), temporal Gaussian
   σ 1 over 9 taps (:func:`temporal_gaussian`), 3×3 spatial Gaussian σ 0.5
   (:func:`spatial_gaussian` with ``truncate=2``), per-frame Otsu (:func:`otsu_per_frame`), fixed
@@ -60,7 +60,7 @@ def upsample_bilinear(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``, no antialiasing:
     output pixel centre x maps to source coordinate ``(x + 0.5)·w/W − 0.5``, clamped to
     ``[0, w − 1]``, then linear interpolation of the two neighbours in each axis. VGGT4D
-    upsamples its (k-means smoothed) Dyn map bilinearly before thresholding (DESIGN §3).
+    upsamples its (k-means smoothed) Dyn map bilinearly before thresholding (docs/method.md).
     """
     array = _maps3(maps)
     if len(size) != 2 or int(size[0]) < 1 or int(size[1]) < 1:
@@ -152,7 +152,7 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float, *
     - output ``q_i = mean(a)_iᵀ I_i + mean(b)_i``.
 
     ``eps`` is added to the variance as is (not squared), as in the paper and in
-    ``cv2.ximgproc.guidedFilter``; the user's scripts use eps 1e-4 (or 1e-3) and a box of
+    ``cv2.ximgproc.guidedFilter``; the research scripts use eps 1e-4 (or 1e-3) and a box of
     0.02·W (0.01·W in the refined script); ``radius`` here is the half-width r.
 
     Box means are computed in float64 from cumulative sums. Borders: ``border="reflect"``
@@ -206,10 +206,10 @@ def guide_from_frames(frames: np.ndarray, depth: np.ndarray | None, mode: str,
     [0, 1]); ``depth`` (T, H, W) float z-depth or None. Returns float32 in [0, 1]:
 
     - ``"grey"`` → (T, H, W, 1): luma Y = 0.299 R + 0.587 G + 0.114 B (BT.601, as
-      ``cv2.COLOR_RGB2GRAY``; the user's grey guide);
+      ``cv2.COLOR_RGB2GRAY``; the research scripts' grey guide);
     - ``"rgb"`` → (T, H, W, 3);
     - ``"rgbd"`` → (T, H, W, 4): RGB and D̂;
-    - ``"grey_depth"`` → (T, H, W, 1): ``(1 − depth_weight)·Y + depth_weight·D̂``, the user's
+    - ``"grey_depth"`` → (T, H, W, 1): ``(1 − depth_weight)·Y + depth_weight·D̂``, the research scripts'
       "RGB-D" guide 0.7·grey + 0.3·depth (refined / final_smooth / grabcut scripts).
 
     D̂ is the per-frame min–max normalised *inverse* depth 1/z (near = 1, far = 0): inverse depth
@@ -252,7 +252,7 @@ def temporal_gaussian(maps: np.ndarray, sigma: float, truncate: float = 4.0) -> 
 
     ``out[t] = Σ_k w_k · maps[clip(t + k)]`` with ``w_k ∝ exp(−k²/2σ²)`` for
     ``|k| ≤ int(truncate·σ + 0.5)``, normalised to sum 1 (``scipy.ndimage.gaussian_filter1d``,
-    ``mode="nearest"``: the first / last frame is repeated beyond the ends). The user's robust /
+    ``mode="nearest"``: the first / last frame is repeated beyond the ends). The research scripts' robust /
     final_smooth scripts use σ 1 over 9 taps (truncate 4), v4 uses σ 1.5. ``sigma <= 0``
     returns a float32 copy.
     """
@@ -270,7 +270,7 @@ def spatial_gaussian(maps: np.ndarray, sigma: float, truncate: float = 4.0) -> n
     ``scipy.ndimage.gaussian_filter`` with σ = (0, sigma, sigma), separable taps
     ``∝ exp(−k²/2σ²)`` for ``|k| ≤ int(truncate·σ + 0.5)``, border ``"reflect"`` (edge pixel
     repeated, OpenCV's BORDER_REFLECT; ``cv2.GaussianBlur`` defaults to BORDER_REFLECT_101).
-    The user's v4 script blurs 3×3 with σ 0.5, which is ``truncate=2``. ``sigma <= 0`` returns a
+    The any4dgs v4 script blurs 3×3 with σ 0.5, which is ``truncate=2``. ``sigma <= 0`` returns a
     float32 copy.
     """
     array = _maps3(maps)
@@ -328,7 +328,7 @@ def adaptive_multi_otsu_details(values: np.ndarray, classes: tuple[int, ...] = (
 
 def adaptive_multi_otsu(values: np.ndarray, classes: tuple[int, ...] = (2, 3, 4),
                         bins: int = 256) -> float:
-    """VGGT4D's adaptive multi-Otsu threshold of a whole sequence (DESIGN §3).
+    """VGGT4D's adaptive multi-Otsu threshold of a whole sequence (docs/method.md).
 
     ``values`` any shape (flattened; non-finite values dropped). For each n in ``classes``:
     thresholds t_1 < … < t_{n−1} = ``skimage.filters.threshold_multiotsu(values, classes=n,
@@ -348,7 +348,7 @@ def adaptive_multi_otsu(values: np.ndarray, classes: tuple[int, ...] = (2, 3, 4)
 
 
 def otsu_per_frame(maps: np.ndarray) -> np.ndarray:
-    """Otsu's threshold of each frame (Otsu 1979; the user's hook-version script).
+    """Otsu's threshold of each frame (Otsu 1979; the AnyDynamics hooks script).
 
     ``maps`` (T, H, W) → (T,) float64: ``skimage.filters.threshold_otsu`` (256 bins) of each
     frame's finite values; a constant (or all non-finite) frame gets +inf (nothing dynamic).
@@ -381,7 +381,7 @@ def hysteresis(maps: np.ndarray, low: float, high: float, connectivity: int = 2)
     A pixel is kept when ``value > low`` and it is connected, through pixels with
     ``value > low`` in the same frame, to a pixel with ``value > high`` (the semantics of
     ``skimage.filters.apply_hysteresis_threshold``). ``connectivity`` 1 = 4-neighbour,
-    2 = 8-neighbour (the user's final_smooth script: 0.3 / 0.6, 8-connected). One
+    2 = 8-neighbour (the final_smooth script: 0.3 / 0.6, 8-connected). One
     ``scipy.ndimage.label`` call over the stack whose structure has no links between frames.
     """
     array = _maps3(maps)
@@ -404,10 +404,10 @@ def binarize(maps: np.ndarray, method: str, *, threshold: float = 0.5, low: floa
     - ``"multi_otsu"``: one :func:`adaptive_multi_otsu` threshold t for the whole sequence,
       mask = maps > t (VGGT4D). Info: threshold, chosen classes, per-n scores.
     - ``"otsu"``: per-frame :func:`otsu_per_frame` thresholds t_f, mask_f = maps_f > t_f.
-    - ``"threshold"``: maps > ``threshold`` (the user's robust script: 0.4).
+    - ``"threshold"``: maps > ``threshold`` (the robust script: 0.4).
     - ``"hysteresis"``: :func:`hysteresis` with ``low`` / ``high``, 8-connected.
     - ``"mean_above"``: per frame, t_f = mean of the values above ``threshold``; mask_f =
-      maps_f > t_f (the user's any4dgs v4 script: 0.1); a frame with no such value is empty.
+      maps_f > t_f (the any4dgs v4 script: 0.1); a frame with no such value is empty.
 
     A threshold of +inf (constant input: nothing is dynamic) is written as ``None`` in the
     info dict so it stays strict JSON.
@@ -455,7 +455,7 @@ def binarize(maps: np.ndarray, method: str, *, threshold: float = 0.5, low: floa
 
 def kmeans_smooth(dyn: np.ndarray, features: np.ndarray, clusters: int = 64,
                   seed: int = 0) -> np.ndarray:
-    """VGGT4D cluster smoothing of the patch-level dynamic map (DESIGN §3).
+    """VGGT4D cluster smoothing of the patch-level dynamic map (docs/method.md).
 
     ``dyn`` (T, h, w), ``features`` (T, h, w, C) → (T, h, w) float32. k-means
     (``sklearn.cluster.KMeans``, k-means++, ``n_init=1``, ``random_state=seed``) on the
@@ -508,7 +508,7 @@ def morphology(masks: np.ndarray, op: str, size: int) -> np.ndarray:
     outside of the frame never changes the result (erosion sees 1, dilation sees 0 there), so
     closing never eats a mask touching the border. ``scipy.ndimage.minimum_filter`` /
     ``maximum_filter`` with size (1, size, size): no effect across frames. VGGT4D closes 5×5 and
-    dilates 3×3 after refinement; the user's scripts open 3×3 / close 7×7. ``size <= 1``
+    dilates 3×3 after refinement; the research scripts open 3×3 / close 7×7. ``size <= 1``
     returns a copy.
     """
     if op not in MORPHOLOGY_OPS:

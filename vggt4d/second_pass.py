@@ -2,7 +2,7 @@
 the first layers, so the cameras are estimated from the static scene.
 
 A patch is dynamic when any of its pixels is (VGGT4D, ``patch_rule=any``) or when more than
-``area_fraction`` of them are (the user's grabcut script, ``area``). In the chosen blocks every
+``area_fraction`` of them are (the AnyDynamics grabcut script, ``area``). In the chosen blocks every
 token still queries, but no query sees a dynamic patch's key/value — within its frame in
 per-frame blocks, across the clip in global ones; special tokens are never removed, so a frame
 whose patches are all dynamic still has one key and no row of the softmax is empty. The pass goes

@@ -51,7 +51,7 @@ def wait_for_logging() -> None:
 
 
 def run_tags(cfg) -> list[str]:
-    """Model, window and bands as tags, plus the user's own."""
+    """Model, window and bands as tags, plus the configured ones."""
     bands = "-".join(f"{band[0]}..{band[1]}"
                      for band in (cfg.bands.shallow, cfg.bands.middle, cfg.bands.deep))
     return [cfg.model.name, f"window={cfg.gram.window}", f"bands={bands}", *cfg.logger.tags]
@@ -79,7 +79,7 @@ def frame_records(ctx) -> list[dict]:
     series = {name: (f"cues_frame{{t:03d}}_{name}.png", maps.cues[name]) for name in CUES}
     series["dynamic"] = ("fused_frame{t:03d}_final_mask.png", maps.dynamic)
     truth = None
-    if clip is not None and clip.ground_truth is not None:
+    if clip is not None and getattr(clip.ground_truth, "dynamic_masks", None) is not None:
         from vggt4d.evaluate import resize_masks
 
         truth = resize_masks(clip.ground_truth.dynamic_masks, *size)

@@ -47,7 +47,7 @@ def write_mask_png(path, mask: np.ndarray) -> None:
 
 
 SPATIAL_TRUNCATE = 2.0
-"""Patch-level spatial Gaussian reaches 2σ: 3×3 taps at σ = 0.5 (the AnyDynamics any4dgs v4 script)."""
+"""Patch-level spatial Gaussian reaches 2σ: 3×3 taps at σ = 0.5 (the any4dgs v4 script)."""
 
 
 def grey_morphology(soft: np.ndarray, steps: list[str]) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The pictures stages: colour-mapped maps per frame, overlays, contact sheets and videos.
 
-Written under the job directory, named like the AnyDynamics research scripts' files so their habits carry over:
+Written under the job directory, named like the AnyDynamics research scripts' files:
 - ``maps/layer_{L:02d}_frame{t:03d}_{similarity,inv_similarity,variance,stability}.png``
   (Easi3R maps of the chosen layers), ``maps/cues_frame{t:03d}_{w_shallow,w_middle,w_deep}.png``,
   ``maps/fused_frame{t:03d}_final_mask.png`` (the soft dynamic map);

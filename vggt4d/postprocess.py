@@ -10,9 +10,9 @@ Where the steps come from (docs/method.md):
   patch takes its cluster's mean Dyn (:func:`kmeans_smooth`); bilinear upsampling
   (:func:`upsample_bilinear`); one adaptive multi-Otsu threshold per sequence
   (:func:`adaptive_multi_otsu`); close 5×5 and dilate 3×3 after refinement (:func:`morphology`).
-- The AnyDynamics research scripts: guided filter with a grey guide (box 0.02·W, eps 1e-4) or an "RGB-D" guide
-  0.7·grey + 0.3·depth (:func:`guided_filter`, :func:`guide_from_frames`), temporal Gaussian
-  σ 1 over 9 taps (:func:`temporal_gaussian`), 3×3 spatial Gaussian σ 0.5
+- The AnyDynamics research scripts: guided filter with a grey guide (box 0.02·W, eps 1e-4) or
+  an "RGB-D" guide 0.7·grey + 0.3·depth (:func:`guided_filter`, :func:`guide_from_frames`),
+  temporal Gaussian σ 1 over 9 taps (:func:`temporal_gaussian`), 3×3 spatial Gaussian σ 0.5
   (:func:`spatial_gaussian` with ``truncate=2``), per-frame Otsu (:func:`otsu_per_frame`), fixed
   threshold, hysteresis 0.3 / 0.6 8-connected (:func:`hysteresis`), open 3×3 / close 7×7.
 """
@@ -209,8 +209,8 @@ def guide_from_frames(frames: np.ndarray, depth: np.ndarray | None, mode: str,
       ``cv2.COLOR_RGB2GRAY``; the research scripts' grey guide);
     - ``"rgb"`` → (T, H, W, 3);
     - ``"rgbd"`` → (T, H, W, 4): RGB and D̂;
-    - ``"grey_depth"`` → (T, H, W, 1): ``(1 − depth_weight)·Y + depth_weight·D̂``, the research scripts'
-      "RGB-D" guide 0.7·grey + 0.3·depth (refined / final_smooth / grabcut scripts).
+    - ``"grey_depth"`` → (T, H, W, 1): ``(1 − depth_weight)·Y + depth_weight·D̂``, the
+      research scripts' "RGB-D" guide 0.7·grey + 0.3·depth (refined / final_smooth / grabcut).
 
     D̂ is the per-frame min–max normalised *inverse* depth 1/z (near = 1, far = 0): inverse depth
     is what a monocular network resolves well, it is bounded where z is not (sky, far
@@ -252,7 +252,7 @@ def temporal_gaussian(maps: np.ndarray, sigma: float, truncate: float = 4.0) -> 
 
     ``out[t] = Σ_k w_k · maps[clip(t + k)]`` with ``w_k ∝ exp(−k²/2σ²)`` for
     ``|k| ≤ int(truncate·σ + 0.5)``, normalised to sum 1 (``scipy.ndimage.gaussian_filter1d``,
-    ``mode="nearest"``: the first / last frame is repeated beyond the ends). The research scripts' robust /
+    ``mode="nearest"``: the first / last frame is repeated beyond the ends). The robust /
     final_smooth scripts use σ 1 over 9 taps (truncate 4), v4 uses σ 1.5. ``sigma <= 0``
     returns a float32 copy.
     """

@@ -82,8 +82,9 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from vggt4d.cameras import backproject, check_cameras
-from vggt4d.config.refine import CloseKernel, RefineConfig, Sampling, Score
+from vggt4d.config.refine import CloseKernel, Method, RefineConfig, Sampling, Score
 from vggt4d.errors import UserError
+from vggt4d.reprojection import reprojection_refine
 from vggt4d.stage import Stage
 
 SCORES = tuple(Score)
@@ -505,7 +506,9 @@ def refine_masks(
 class RefineStage(Stage):
     """Coarse masks → 3-D refined masks: ``masks_refined/dynamic_{t:04d}.png`` (0/255) and the
     report ``refine.json``. As VGGT4D: the first pass's depth and intrinsics, and the cameras of
-    the second pass when it ran (its only use of that pass), at processing size."""
+    the second pass when it ran (its only use of that pass), at processing size. With
+    ``refine.method=reprojection`` (the "hooks" script): the first pass's depth and the second
+    pass's intrinsics and cameras, :func:`vggt4d.reprojection.reprojection_refine`."""
 
     name = "refine"
     requires = ("masks", "prediction")
@@ -521,13 +524,21 @@ class RefineStage(Stage):
 
         prediction, coarse = ctx.artifacts["prediction"], ctx.artifacts["masks"]
         cameras = ctx.artifacts.get("prediction_pass2", prediction)
-        refined, report = refine_masks(coarse.binary, prediction.depth, prediction.frames,
-                                       prediction.intrinsics, cameras.extrinsics,
-                                       ctx.cfg.refine)
+        if ctx.cfg.refine.method == Method.reprojection:
+            refined, report = reprojection_refine(coarse.binary, prediction.depth,
+                                                  cameras.intrinsics, cameras.extrinsics,
+                                                  ctx.cfg.refine.tau)
+        else:
+            refined, report = refine_masks(coarse.binary, prediction.depth, prediction.frames,
+                                           prediction.intrinsics, cameras.extrinsics,
+                                           ctx.cfg.refine)
         report["cameras"] = "pass2" if cameras is not prediction else "pass1"
         log = logging.getLogger(__name__)
-        if report["skipped"]:
+        if report.get("skipped"):
             log.info("refine: skipped (%s); the coarse masks are kept", report["skipped"])
+        elif "pixels_added" in report:
+            log.info("refine: %d pixels added where the depth disagrees with t +- 1 (%s "
+                     "cameras)", report["pixels_added"], report["cameras"])
         else:
             log.info("refine: %d of %d clusters stay dynamic, %d pixels removed (%s cameras)",
                      report["clusters_kept"], report["clusters_kept"]

@@ -31,11 +31,22 @@ class CloseKernel(StrEnum):
     square = "square"
 
 
+class Method(StrEnum):
+    """``clusters``: VGGT4D's refinement (removes coarse pixels of static clusters);
+    ``reprojection``: the "hooks" research script's per-pixel check, which adds the pixels whose
+    depth disagrees with frames t ± 1 (:mod:`vggt4d.reprojection`)."""
+
+    clusters = "clusters"
+    reprojection = "reprojection"
+
+
 @dataclass
 class RefineConfig:
     """Settings of :func:`vggt4d.refine.refine_masks`; the defaults are VGGT4D's official
     refinement (its ``RefineDynMask`` and demo; see docs/method.md)."""
 
+    method: Method = Method.clusters
+    """With ``reprojection`` only ``tau`` applies."""
     neighbours: int = 20
     """Outlier removal: Open3D's ``nb_neighbors``, the point itself included."""
     std_ratio: float = 2.5
@@ -52,7 +63,8 @@ class RefineConfig:
     min_valid: float = 0.05
     """Fewer counted projections than this fraction: the cluster stays dynamic."""
     tau: float = 0.1
-    """A cluster stays dynamic when its score > tau."""
+    """A cluster stays dynamic when its score > tau (``reprojection``: a pixel is added when
+    its mean relative depth error in t ± 1 > tau)."""
     score: Score = Score.absolute
     gradient_weight: float = 10.0
     """``gradient`` score: gradient × this + photometric × 1 (the research scripts: 10)."""

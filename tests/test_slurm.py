@@ -383,3 +383,32 @@ def test_a_request_no_node_can_hold_is_refused_before_submitting(tmp_path):
     assert len(errors) == 1
     assert "fits no node of partition debug" in errors[0]
     assert not (sweep_dir / ".submitit").exists()
+
+
+@cluster
+def test_jobs_pending_for_a_reason_that_cannot_clear_are_cancelled_and_named(tmp_path):
+    failed = subprocess.run(["sbatch", "--parsable", "--output=/dev/null", "--wrap=false"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    for _ in range(100):  # until Slurm knows the job failed
+        queue = subprocess.run(["squeue", "--noheader", f"--jobs={failed}"],
+                               capture_output=True, text=True, check=False)
+        if not queue.stdout.strip():
+            break
+        time.sleep(0.2)
+    code, output, seconds = _slurm_sweep(
+        tmp_path, "data.num_frames=3", "bands.middle=[1,3],[1,2]",
+        f'+hydra.launcher.additional_parameters.dependency="afterok:{failed}"',
+        f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert code == 1, output[-3000:]
+    errors = re.findall(r"error: job .*", output)
+    assert len(errors) == 2
+    for num, band in enumerate(["[1,3]", "[1,2]"]):
+        assert re.fullmatch(rf"error: job {num} \(bands.middle={re.escape(band)}\) failed: Slurm "
+                            rf"job \d+_{num} was pending for a reason that cannot clear "
+                            rf"\(DependencyNeverSatisfied: a job it depends on failed\); "
+                            rf"cancelled", errors[num])
+    array = re.search(r"Slurm job (\d+)_0", output).group(1)
+    left = subprocess.run(["squeue", "--noheader", f"--jobs={array}"], capture_output=True,
+                          text=True, check=False).stdout
+    assert "PENDING" not in left and "RUNNING" not in left
+    assert seconds < 60

@@ -112,14 +112,25 @@ def _input_order(raw: torch.Tensor, layer: int, ref: int) -> torch.Tensor:
     return raw[[order.index(t) for t in range(FRAMES)]]
 
 
-def test_pre_rope_qk_are_the_forwards_own_q_norm_outputs(small_net, clip_images):
+@pytest.fixture(scope="module")
+def hooked_run(small_net):
+    """One hooked forward of a 4-frame clip shared by the tests below: every block's pre-RoPE
+    Q/K and post-RoPE Q, the collector over the global blocks, the q_norm/k_norm outputs."""
+    images = torch.randn(1, FRAMES, 3, 98, 70, generator=torch.Generator().manual_seed(1))
+    collector = QueryCosineCollector(frozenset(GLOBAL_BLOCKS))
     captured = {}
 
     def consumer(capture):
+        collector(capture)
         captured[capture.layer] = (capture.q_pre_rope.clone(), capture.k_pre_rope.clone(),
                                    capture.q.clone())
 
-    outputs, ref = _forward_with_norm_outputs(small_net, clip_images, consumer)
+    outputs, ref = _forward_with_norm_outputs(small_net, images, consumer)
+    return captured, collector, outputs, ref
+
+
+def test_pre_rope_qk_are_the_forwards_own_q_norm_outputs(hooked_run):
+    captured, _, outputs, ref = hooked_run
     assert sorted(captured) == list(range(12))
     for layer, (q_pre, k_pre, q_post) in captured.items():
         assert tuple(q_pre.shape) == (FRAMES, 6, 36, 64)
@@ -131,7 +142,8 @@ def test_pre_rope_qk_are_the_forwards_own_q_norm_outputs(small_net, clip_images)
             assert torch.equal(q_pre, q_post)
 
 
-def test_pre_rope_queries_are_computed_only_when_read(small_net, clip_images):
+def test_pre_rope_queries_are_computed_only_when_read(small_net):
+    images = torch.randn(1, 3, 3, 42, 42, generator=torch.Generator().manual_seed(2))
     calls = []
     qkv = small_net.backbone.pretrained.blocks[5].attn.qkv
     handle = qkv.register_forward_hook(lambda *_: calls.append(1))
@@ -140,21 +152,14 @@ def test_pre_rope_queries_are_computed_only_when_read(small_net, clip_images):
             calls.clear()
             with torch.inference_mode(), capture_attention(
                     small_net, lambda c, read=read: c.q_pre_rope if read else c.q, layers=[5]):
-                small_net(clip_images, export_feat_layers=[])
+                small_net(images, export_feat_layers=[])
             assert len(calls) == (2 if read else 1)
     finally:
         handle.remove()
 
 
-def test_collector_equals_a_brute_force_loop_through_the_hooked_forward(small_net, clip_images):
-    collector = QueryCosineCollector(frozenset(GLOBAL_BLOCKS))
-    post_rope = {}
-
-    def consumer(capture):
-        collector(capture)
-        post_rope[capture.layer] = query_cosine(capture.q[:, :, 1:]).mean(dim=1)
-
-    outputs, ref = _forward_with_norm_outputs(small_net, clip_images, consumer)
+def test_collector_equals_a_brute_force_loop_through_the_hooked_forward(hooked_run):
+    captured, collector, outputs, ref = hooked_run
     assert sorted(collector.maps) == [cosine_key(layer) for layer in GLOBAL_BLOCKS]
     assert collector.grid == GRID
     layer_maps = []
@@ -172,7 +177,8 @@ def test_collector_equals_a_brute_force_loop_through_the_hooked_forward(small_ne
         assert tuple(got.shape) == (FRAMES, *GRID)
         torch.testing.assert_close(got.double(), brute.view(FRAMES, *GRID), rtol=0, atol=1e-5)
         # the same patch has the same RoPE angle in every frame: the cosine ignores RoPE
-        torch.testing.assert_close(post_rope[layer].view(FRAMES, *GRID), got, rtol=0, atol=1e-4)
+        post_rope = query_cosine(captured[layer][2][:, :, 1:]).mean(dim=1)
+        torch.testing.assert_close(post_rope.view(FRAMES, *GRID), got, rtol=0, atol=1e-4)
         layer_maps.append(brute.view(FRAMES, *GRID))
     cue = query_cosine_cue(collector.maps)
     torch.testing.assert_close(cue.double(), 1 - torch.stack(layer_maps).mean(dim=0),

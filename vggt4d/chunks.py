@@ -24,6 +24,13 @@ starts at most ``overlap`` frames before that end, i.e. at or before the interva
 Among the chunks holding the whole window the most central one is chosen (the owner whenever
 it holds the window). A clip that is one chunk needs no overlap.
 
+Forwards over chunks (the predict stage): a stage that taps the forward
+(:class:`vggt4d.stage.ForwardTap`) takes part in a chunked run through :class:`ChunkedTap`: it is
+told before every chunk's forward which chunk runs (:class:`ChunkStep`) and keeps the rows its
+frames take from that chunk (:class:`FrameRows` for per-frame results). A tap whose result
+depends on the whole clip (statistics over every frame) asks for ``sweeps=2``: every chunk is
+run again after the first sweep (only up to the last block the tap needs).
+
 Plain index arithmetic written here: no library plans overlapping chunks with these rules.
 """
 
@@ -31,11 +38,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from vggt4d.errors import UserError
 from vggt4d.resources import GIB, estimate_forward_memory
+from vggt4d.stage import ForwardTap
 
 
 @dataclass(frozen=True)
@@ -167,3 +176,86 @@ def forward_bytes(*, captured_bytes_per_frame: int = 0, **network) -> Callable[[
         return estimate_forward_memory(frames=frames, captured_bytes=captured_bytes_per_frame
                                        * frames, **network).total
     return estimate
+
+
+def resolve_plan(num_frames: int, length: int, overlap: int, auto: bool,
+                 estimate_fn: Callable[[int], int], limit_bytes: int,
+                 minimum: int = 2) -> ChunkPlan | None:
+    """The chunk plan of a clip of ``num_frames`` frames, or None when it is one forward.
+
+    ``length`` frames per chunk (0: no chunks); with ``auto`` the longest chunk
+    :func:`auto_chunk_length` allows under ``limit_bytes`` (capped by ``length`` when > 0), at
+    least ``max(minimum, overlap + 1)`` frames. A clip no longer than the chunk is one forward.
+    """
+    if auto:
+        cap = min(length, num_frames) if length else num_frames
+        length = auto_chunk_length(limit_bytes, estimate_fn, cap, max(minimum, overlap + 1))
+    if not length or num_frames <= length:
+        return None
+    return plan_chunks(num_frames, length, overlap)
+
+
+@dataclass(frozen=True)
+class ChunkStep:
+    """Which forward of a chunked run is about to start: chunk ``index`` of ``plan`` in sweep
+    ``sweep`` (0: the forward whose outputs are kept; 1: the second sweep of
+    :attr:`ChunkedTap.sweeps` = 2)."""
+
+    plan: ChunkPlan
+    index: int
+    sweep: int = 0
+
+    @property
+    def frames(self) -> range:
+        """The chunk's frames in the clip; local index ``f − frames.start``."""
+        return self.plan.frames(self.index)
+
+    @property
+    def owned(self) -> range:
+        """The frames whose per-frame outputs this chunk provides (clip indices)."""
+        return self.plan.owned_frames(self.index)
+
+    def local(self, frames: Sequence[int] | range) -> np.ndarray:
+        """(F,) int64 positions of clip ``frames`` in this chunk's forward."""
+        return np.asarray(frames, dtype=np.int64) - self.frames.start
+
+
+@dataclass
+class ChunkedTap(ForwardTap):
+    """A :class:`~vggt4d.stage.ForwardTap` that can run over chunks: ``start_chunk(step)``
+    before every chunked forward; ``sweeps`` forwards per chunk (2: whole-clip statistics, the
+    second sweep only reaching the tap's last block); ``check_plan(plan)`` refuses a plan it
+    cannot use (raise :class:`UserError`), before the model is loaded."""
+
+    start_chunk: Callable[[ChunkStep], None] | None = None
+    sweeps: int = 1
+    check_plan: Callable[[ChunkPlan], None] | None = None
+
+
+def chunk_ready(tap: Any) -> bool:
+    """Whether a forward tap can take part in a chunked run."""
+    return getattr(tap, "start_chunk", None) is not None
+
+
+class FrameRows:
+    """A per-frame tap result (frames first) gathered over chunked forwards: each frame's rows
+    from the chunk that owns it; without chunks, the one forward's result as it is."""
+
+    def __init__(self) -> None:
+        self.step: ChunkStep | None = None
+        self.value: Any = None
+
+    def start(self, step: ChunkStep) -> None:
+        self.step = step
+
+    def put(self, rows: Any) -> None:
+        """``rows``: (F, ...) of the current forward's F frames (a tensor or an array)."""
+        if self.step is None:
+            self.value = rows
+            return
+        if self.value is None:
+            self.value = rows.new_empty((self.step.plan.num_frames, *rows.shape[1:])) \
+                if hasattr(rows, "new_empty") else np.empty(
+                    (self.step.plan.num_frames, *rows.shape[1:]), rows.dtype)
+        owned, first = self.step.owned, self.step.frames.start
+        self.value[owned.start:owned.stop] = rows[owned.start - first:owned.stop - first]

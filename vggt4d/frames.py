@@ -1,4 +1,5 @@
-"""Frame sources (image folder, video, synthetic scene) and DA3's input preprocessing.
+"""Frame sources (image folder, video, synthetic scene, benchmark dataset sequence) and DA3's
+input preprocessing.
 
 Frames of different sizes in one folder are resized to the first frame's size with a warning
 (DA3 needs one size per clip; refusing would make mixed-camera folders unusable).
@@ -20,7 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vggt4d.config import PATCH_SIZE
-from vggt4d.config.data import ImagesData, SyntheticData, VideoData
+from vggt4d.config.data import DataConfig, DatasetData, ImagesData, SyntheticData, VideoData
 from vggt4d.errors import UserError
 from vggt4d.stage import Stage
 
@@ -34,12 +35,17 @@ MIN_FRAMES = 2
 
 @dataclass
 class GroundTruth:
-    """Known answers of a synthetic clip, at the clip's own resolution."""
+    """Known answers of a clip at its own resolution; a kind the source lacks is ``None`` (DAVIS
+    has masks only, KITTI depth only, TUM depth and poses, the synthetic scene all but void)."""
 
-    depth: np.ndarray  # (T, H, W) float32 z-depth
-    dynamic_masks: np.ndarray  # (T, H, W) bool
-    intrinsics: np.ndarray  # (T, 3, 3) pixels of the (H, W) frames
-    extrinsics: np.ndarray  # (T, 3, 4) world-to-camera, OpenCV
+    depth: np.ndarray | None = None  # (T, H, W) float32 z-depth, NaN = no measurement
+    dynamic_masks: np.ndarray | None = None  # (T, H, W) bool
+    intrinsics: np.ndarray | None = None  # (T, 3, 3) pixels of the (H, W) frames
+    extrinsics: np.ndarray | None = None  # (T, 3, 4) world-to-camera, OpenCV
+    void_masks: np.ndarray | None = None  # (T, H, W) bool, pixels left out of mask scores
+
+    def has_any(self) -> bool:
+        return any(value is not None for value in vars(self).values())
 
 
 @dataclass
@@ -202,10 +208,16 @@ class ClipInfo:
     size: tuple[int, int]
 
 
-def probe_clip(data: ImagesData | VideoData | SyntheticData, process_res: int) -> ClipInfo:
+def _selection(data: DatasetData) -> dict:
+    """``read_sequence`` / ``probe_sequence`` arguments of a dataset source."""
+    return {"start": data.start, "stop": data.stop, "stride": data.stride,
+            "max_frames": data.max_frames or None, **dict(data.options)}
+
+
+def probe_clip(data: DataConfig, process_res: int) -> ClipInfo:
     """Frame count and sizes from the source's metadata (image headers, the video container,
-    the synthetic settings) without decoding frames; raises :class:`UserError` for a missing or
-    unreadable source."""
+    the synthetic settings, a dataset's file lists) without decoding frames; raises
+    :class:`UserError` for a missing or unreadable source."""
     if isinstance(data, ImagesData):
         paths = image_paths(data)
         try:
@@ -222,6 +234,12 @@ def probe_clip(data: ImagesData | VideoData | SyntheticData, process_res: int) -
         width, height = meta["size"]
         count = video_frame_count(data, meta)
         _check_count(count, f"video {path} at data.fps={video_rate(data, meta)}")
+    elif isinstance(data, DatasetData):
+        from vggt4d.datasets.probe import probe_sequence
+
+        info = probe_sequence(str(data.dataset), data.root, data.sequence, **_selection(data))
+        count, (height, width) = info.num_frames, info.size
+        _check_count(count, f"{data.dataset} sequence {data.sequence}")
     else:
         data.validate()
         width, height, count = data.width, data.height, data.num_frames
@@ -244,17 +262,33 @@ def _rendered(settings: str):
 def load_synthetic(data: SyntheticData) -> Clip:
     data.validate()
     scene = _rendered(json.dumps(dataclasses.asdict(data), sort_keys=True))
-    truth = GroundTruth(scene.depth, scene.dynamic_masks, scene.intrinsics, scene.extrinsics)
+    truth = GroundTruth(depth=scene.depth, dynamic_masks=scene.dynamic_masks,
+                        intrinsics=scene.intrinsics, extrinsics=scene.extrinsics)
     names = [f"synthetic_{i:05d}" for i in range(len(scene.frames))]
     return Clip(scene.frames, names, truth)
 
 
-def load_clip(data: ImagesData | VideoData | SyntheticData) -> Clip:
+def load_dataset(data: DatasetData) -> Clip:
+    """One benchmark sequence (:func:`vggt4d.datasets.read_sequence`) with its ground truth;
+    frame names are the dataset's file stems."""
+    from vggt4d.datasets import read_sequence
+
+    sequence = read_sequence(str(data.dataset), data.root, data.sequence, **_selection(data))
+    _check_count(len(sequence.frames), f"{data.dataset} sequence {data.sequence}")
+    truth = GroundTruth(depth=sequence.depth, dynamic_masks=sequence.dynamic_masks,
+                        intrinsics=sequence.intrinsics, extrinsics=sequence.extrinsics,
+                        void_masks=sequence.void_masks)
+    return Clip(sequence.frames, list(sequence.frame_names), truth if truth.has_any() else None)
+
+
+def load_clip(data: DataConfig) -> Clip:
     """Decode the configured source."""
     if isinstance(data, ImagesData):
         return load_images(data)
     if isinstance(data, VideoData):
         return load_video(data)
+    if isinstance(data, DatasetData):
+        return load_dataset(data)
     return load_synthetic(data)
 
 

@@ -575,28 +575,65 @@ def unsupervised_figures(masks: np.ndarray) -> dict:
             "temporal_iou": float(np.mean(consecutive)) if consecutive else 1.0}
 
 
-def geometry_scores(passes: dict, truth, model_name: str) -> dict:
-    """Depth (AbsRel, δ<1.25 after median scaling) and poses (ATE, RPE after Sim(3)) of each
-    DA3 pass in ``passes`` (name → prediction), at the ground truth's resolution."""
-    from vggt4d.geometry_metrics import depth_metrics, pose_metrics
-    from vggt4d.postprocess import upsample_bilinear
+def geometry_protocol(families: Sequence[str], alignment: str, cap: float | None,
+                      clip: float | None) -> dict:
+    """The depth and pose conventions applied, recorded beside the numbers
+    (:mod:`vggt4d.geometry_metrics`)."""
+    record: dict = {}
+    if "depth" in families:
+        record["depth"] = {"alignment": alignment, "cap": cap, "clip": clip,
+                           "resize": "bicubic to the ground truth's size",
+                           "pooled": "all scored pixels of all frames"}
+    if "pose" in families:
+        record["pose"] = {"alignment": "sim3 (Umeyama with scale, evo)", "rpe_delta_frames": 1,
+                          "statistic": "rmse"}
+    return record
 
-    scores = {}
+
+def geometry_scores(passes: dict, truth, *, families: Sequence[str], alignment: str,
+                    cap: float | None, clip: float | None, model_name: str,
+                    device: str = "cpu") -> dict:
+    """Depth (AbsRel, δ<1.25 after ``alignment``, ``cap``, ``clip``) and poses (ATE, RPE after
+    Sim(3)) of each DA3 pass in ``passes`` (name → prediction), at the ground truth's resolution,
+    for the ``families`` asked for whose truth exists (``truth.depth``, ``truth.extrinsics``).
+    A pass that cannot be scored (too few frames, a degenerate path, no valid depth pixel, no
+    predicted cameras) gets ``{"skipped": reason}`` for that family."""
+    from vggt4d.geometry_metrics import depth_metrics, pose_metrics, resize_depth
+
+    score_depth = "depth" in families and truth.depth is not None
+    score_pose = "pose" in families and truth.extrinsics is not None
+    scores: dict = {"protocol": geometry_protocol(
+        [name for name, on in (("depth", score_depth), ("pose", score_pose)) if on],
+        alignment, cap, clip)}
     for name, prediction in passes.items():
-        depth = upsample_bilinear(prediction.depth, truth.depth.shape[1:3])
-        scores[name] = {"depth": depth_metrics(depth, truth.depth)}
-        try:
-            scores[name]["pose"] = pose_metrics(prediction.extrinsics, truth.extrinsics) \
-                if prediction.extrinsics is not None else {
-                    "skipped": f"{model_name} predicts no cameras"}
-        except UserError as err:  # too few frames or a degenerate predicted path
-            scores[name]["pose"] = {"skipped": str(err)}
-        pose = scores[name]["pose"]
-        poses = f"; poses not scored ({pose['skipped']})" if "skipped" in pose \
-            else f", ATE {pose['ate']:.4f}"
-        log.info("eval %s: depth AbsRel %.3f, delta<1.25 %.3f%s", name,
-                 scores[name]["depth"]["abs_rel"], scores[name]["depth"]["delta_1.25"], poses)
+        entry: dict = {}
+        if score_depth:
+            try:
+                entry["depth"] = depth_metrics(
+                    resize_depth(prediction.depth, truth.depth.shape[1:3]), truth.depth,
+                    align=alignment, cap=cap, clip=clip, device=device)
+            except UserError as err:  # no scored pixel (all beyond the cap, say)
+                entry["depth"] = {"skipped": str(err)}
+        if score_pose:
+            try:
+                entry["pose"] = pose_metrics(prediction.extrinsics, truth.extrinsics) \
+                    if prediction.extrinsics is not None else {
+                        "skipped": f"{model_name} predicts no cameras"}
+            except UserError as err:  # too few frames or a degenerate predicted path
+                entry["pose"] = {"skipped": str(err)}
+        scores[name] = entry
+        log.info("eval %s: %s", name, "; ".join(_geometry_line(family, values)
+                                               for family, values in entry.items()))
     return scores
+
+
+def _geometry_line(family: str, values: dict) -> str:
+    if "skipped" in values:
+        return f"{family} not scored ({values['skipped']})"
+    if family == "depth":
+        return f"depth AbsRel {values['abs_rel']:.3f}, delta<1.25 {values['delta_1.25']:.3f}"
+    return (f"ATE {values['ate']:.4f}, RPE {values['rpe_trans']:.4f} / "
+            f"{values['rpe_rot_deg']:.3f} deg")
 
 
 def mask_scores(stages: dict[str, np.ndarray], truth: np.ndarray, void: np.ndarray | None,
@@ -614,14 +651,18 @@ def mask_scores(stages: dict[str, np.ndarray], truth: np.ndarray, void: np.ndarr
 
 
 class EvalStage(Stage):
-    """Masks against ground truth (the synthetic scene's, or ``eval.gt_path``) → metrics.json.
+    """Masks, depth and cameras against whatever ground truth the clip has (the synthetic scene's,
+    a dataset sequence's, or ``eval.gt_path`` for masks) → metrics.json.
 
-    Coarse and (when the refine stage ran) refined masks are scored under ``eval.protocol``;
-    the top-level JM, JR, JD, FM, FR, FD are the final masks'. Predicted masks are resized
-    (nearest) to the ground truth's resolution before scoring, so the scores are at the
-    annotation's own size. With the synthetic scene's depth and cameras, ``geometry`` holds
-    depth and pose errors of each DA3 pass. Without ground truth only the unsupervised figures
-    are written, with a note in the log.
+    Masks (when the truth has them and ``masks`` is in ``eval.metrics``): coarse and (when the
+    refine stage ran) refined masks are scored under ``eval.protocol``, void pixels left out as
+    the protocol says; the top-level JM, JR, JD, FM, FR, FD are the final masks'. Predicted
+    masks are resized (nearest) to the ground truth's resolution before scoring, so the scores
+    are at the annotation's own size. Depth and poses (when the truth has them and they are in
+    ``eval.metrics``): ``geometry`` holds each DA3 pass's errors under ``eval.depth_alignment``,
+    ``eval.depth_cap``, ``eval.depth_clip`` and the conventions applied
+    (``geometry.protocol``). Without any ground truth only the unsupervised figures are written,
+    with a note in the log.
     """
 
     name = "eval"
@@ -636,6 +677,7 @@ class EvalStage(Stage):
 
     def run(self, ctx) -> None:
         settings = ctx.cfg.eval
+        families = [str(family) for family in settings.metrics]
         clip = ctx.artifacts["clip"]
         stages = {"coarse": ctx.artifacts["masks"].binary}
         if "refined_masks" in ctx.artifacts:
@@ -646,20 +688,30 @@ class EvalStage(Stage):
             annotations = read_mask_folder(Path(settings.gt_path).expanduser())
             truth, void = annotations.foreground, annotations.void
         elif clip.ground_truth is not None:
-            truth = clip.ground_truth.dynamic_masks
-        if truth is None:
-            log.info("eval: no ground truth (set eval.gt_path to a mask folder); "
-                     "wrote unsupervised figures only")
-        else:
+            truth, void = clip.ground_truth.dynamic_masks, clip.ground_truth.void_masks
+        if truth is not None and "masks" in families:
             metrics.update(mask_scores(stages, truth, void, protocol_rules(settings.protocol),
                                        settings.bound_th))
             log.info("eval (%s): JM %.3f JR %.3f FM %.3f FR %.3f", settings.protocol,
                      *(metrics[k] for k in ("JM", "JR", "FM", "FR")))
-        if clip.ground_truth is not None:
+        if clip.ground_truth is not None and ({"depth", "pose"} & set(families)):
+            from vggt4d.resources import resolve_device
+
             passes = {"pass1": ctx.artifacts["prediction"]}
             if "prediction_pass2" in ctx.artifacts:
                 passes["pass2"] = ctx.artifacts["prediction_pass2"]
-            metrics["geometry"] = geometry_scores(passes, clip.ground_truth,
-                                                  ctx.cfg.model.name)
+            geometry = geometry_scores(
+                passes, clip.ground_truth, families=families,
+                alignment=str(settings.depth_alignment), cap=settings.depth_cap,
+                clip=settings.depth_clip, model_name=ctx.cfg.model.name,
+                device=str(resolve_device(ctx.cfg.device, ctx.job.num)))
+            if any(geometry[name] for name in passes):
+                metrics["geometry"] = geometry
+        if truth is None and "geometry" not in metrics:
+            log.info("eval: no ground truth (set eval.gt_path to a mask folder, or read a "
+                     "dataset with data=dataset); wrote unsupervised figures only")
+        alignment = getattr(ctx.artifacts["prediction"], "alignment", None)
+        if alignment:  # a chunked prediction: the residuals at its seams (chunks.json)
+            metrics["chunks"] = alignment["summary"]
         write_json(ctx.out_dir / "metrics.json", metrics)
         ctx.artifacts["metrics"] = metrics

@@ -7,19 +7,43 @@ a mismatch is a :class:`~vggt4d.errors.UserError`). The scored pixels are ``vali
 all) intersected with the pixels where the metrics are defined: ``gt`` finite and ``> 0`` and
 ``pred`` finite and ``> 0``.
 
-Scale alignment, chosen by ``align``:
+``cap`` (the protocols' ``max_depth``: 70 m on Sintel and Bonn, none on KITTI) leaves out
+ground truth at or beyond it: scored pixels have ``0 < gt < cap``. Predictions are positive
+depths (DA3's are by construction); the published code does not test them, here a pixel with a
+non-positive or non-finite prediction is not scored.
 
-* ``"median"`` (video-depth convention): one scale for the whole sequence,
-  ``s = median(gt[valid]) / median(pred[valid])`` over all scored pixels of all frames.
-* ``"median_per_frame"``: ``s_t = median(gt_t[valid_t]) / median(pred_t[valid_t])`` per frame
-  (``nan`` for a frame with no scored pixel; that frame contributes nothing).
-* ``"none"``: ``s = 1``.
+Alignment, chosen by ``align`` (:func:`align_depth`), over all scored pixels of all frames with
+``p`` the prediction and ``g`` the truth there:
 
-With ``d = s · pred`` the aligned depth, pooled over every scored pixel of the sequence
-(not a mean of per-frame means):
+* ``"median"`` (video-depth convention): ``s = median(g) / median(p)``, ``t = 0``. NumPy's median
+  (the mean of the two middle values; the published code's ``torch.median`` takes the lower one,
+  a difference of one pixel's value in a sequence of millions).
+* ``"median_per_frame"``: ``s_t = median(g_t) / median(p_t)`` per frame (``nan`` for a frame
+  with no scored pixel; that frame contributes nothing).
+* ``"scale_shift"`` (MonST3R ``dust3r/depth_eval.py::depth_evaluation(align_with_lad2=True)``,
+  used by its ``depth_metric.ipynb`` and by CUT3R's ``eval/video_depth/eval_depth.py`` for
+  "scale&shift"): minimise ``L(s, t) = Σ |s·p + t − g|`` with Adam (lr 1e-4, PyTorch's default
+  betas and eps) from ``s = median(g) / median(p)``, ``t = 0``, at most 1000 steps, stopping once
+  the loss changes by less than 1e-6 between steps. An Adam step moves s and t by about lr (a
+  few lr at most), so this is the median scale corrected by a few tenths at most in s and in t,
+  not the exact L1 optimum: it is kept as published because the published numbers were made
+  with it.
+* ``"scale"`` (CUT3R ``align_with_scale``): ``s₀ = mean(g) / mean(p)``, then 10 reweighted
+  least-squares steps of the L1 fit of ``s·p``: ``w = 1 / (|s·p − g| + 1e-8)``,
+  ``s = Σ w p g / Σ w p²``; finally ``s = max(s, 1e-3)``; ``t = 0``.
+* ``"none"``: ``s = 1``, ``t = 0``.
 
-* ``abs_rel = mean(|d − gt| / gt)``
-* ``delta_1.25 = fraction of pixels with max(d / gt, gt / d) < 1.25``
+With ``d = min(s · p + t, clip)`` the aligned depth (``clip`` = MonST3R's ``post_clip_max``, 70 on
+Sintel; none = no clipping), pooled over every scored pixel of the sequence (not a mean of
+per-frame means):
+
+* ``abs_rel = mean(|d − g| / g)``
+* ``delta_1.25 = fraction of pixels with max(d' / g, g / d') < 1.25`` where ``d' = max(d,
+  1e-5)`` (the published code clamps before the ratio; only a shift can make d ≤ 0).
+
+:func:`resize_depth` brings a prediction to the truth's size first, bicubic as the published
+scripts do (``cv2.resize(..., INTER_CUBIC)``): PyTorch's bicubic with ``align_corners=False``
+has the same kernel (a = −0.75) and pixel-centre convention, and replicates edge pixels.
 
 Camera poses (:func:`pose_metrics`)
 -----------------------------------
@@ -46,6 +70,11 @@ that is the ground truth blown up by 3.7 gives ``sim3_scale = 1 / 3.7``.
   rotation angle of ``E_i`` in degrees (``PoseRelation.rotation_angle_deg``). The rotation part
   is unaffected by the alignment; the translation part is measured after it.
 
+This is the pose protocol of MonST3R's ``dust3r/utils/vo_eval.py::eval_metrics`` (evo's
+``main_ape.ape`` and ``main_rpe.rpe`` with ``align=True, correct_scale=True``, Δ = 1 frame,
+RMSE statistics); its ``all_pairs=True`` gives the same pairs (i, i+1) at Δ = 1. A table's
+number is the plain mean over sequences.
+
 Sim(3) needs at least 3 poses (``T < 3`` is a :class:`~vggt4d.errors.UserError`), and camera
 centres that are not all on one line (evo refuses a degenerate fit; reported as a UserError).
 
@@ -59,25 +88,94 @@ world-to-camera: per frame, the rotation angle of ``R_a R_bᵀ`` in degrees and 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from vggt4d.errors import UserError
 
-ALIGN_MODES = ("median", "median_per_frame", "none")
+ALIGN_MODES = ("median", "median_per_frame", "scale_shift", "scale", "none")
+ADAM_LR = 1e-4  # MonST3R absolute_value_scaling2 defaults: lr, max_iters, tol
+ADAM_STEPS = 1000
+ADAM_TOL = 1e-6
+IRLS_STEPS = 10  # CUT3R align_with_scale: iterations, residual floor, smallest scale
+IRLS_EPS = 1e-8
+MIN_SCALE = 1e-3
+DELTA_FLOOR = 1e-5  # aligned depth is clamped to this before the δ ratio
 _ORTHO_TOL = 1e-2  # max |RᵀR − I| accepted before projecting onto SO(3)
 
 
 # --------------------------------------------------------------------------------------- depth
+def resize_depth(depth: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bicubic resize of ``(T, h, w)`` depth to ``size = (H, W)`` → float64 ``(T, H, W)`` (see
+    the module docstring)."""
+    depth = np.asarray(depth, dtype=np.float64)
+    if depth.shape[1:] == tuple(size):
+        return depth
+    resized = torch.nn.functional.interpolate(torch.from_numpy(depth)[:, None], size=tuple(size),
+                                              mode="bicubic", align_corners=False)
+    return resized[:, 0].numpy()
+
+
+def _l1_scale_shift(pred: np.ndarray, gt: np.ndarray, device: str) -> tuple[float, float]:
+    """MonST3R's ``absolute_value_scaling2``: Adam on ``Σ|s·p + t − g|`` (module docstring);
+    float64 on ``device``, the gradient ``(Σ sign(r)·p, Σ sign(r))`` written out (the same
+    autograd gives, without its per-step graph)."""
+    p = torch.as_tensor(pred, dtype=torch.float64, device=device)
+    g = torch.as_tensor(gt, dtype=torch.float64, device=device)
+    scale = torch.tensor([np.median(gt) / np.median(pred)], dtype=torch.float64, device=device,
+                         requires_grad=True)
+    shift = torch.zeros(1, dtype=torch.float64, device=device, requires_grad=True)
+    optimizer = torch.optim.Adam([scale, shift], lr=ADAM_LR)
+    previous = None
+    with torch.no_grad():
+        for _ in range(ADAM_STEPS):
+            residual = scale * p + shift - g
+            sign = torch.sign(residual)  # the gradient of |r| autograd gives (0 at 0)
+            scale.grad, shift.grad = (sign * p).sum().reshape(1), sign.sum().reshape(1)
+            optimizer.step()
+            value = residual.abs().sum().item()  # the loss before the step, as published
+            if previous is not None and abs(previous - value) < ADAM_TOL:
+                break
+            previous = value
+    return float(scale.item()), float(shift.item())
+
+
+def _l1_scale(pred: np.ndarray, gt: np.ndarray) -> float:
+    """CUT3R's ``align_with_scale``: reweighted least squares of the L1 fit ``s·p ≈ g``."""
+    scale = gt.mean() / pred.mean()
+    for _ in range(IRLS_STEPS):
+        weight = 1.0 / (np.abs(scale * pred - gt) + IRLS_EPS)
+        scale = np.sum(weight * pred * gt) / np.sum(weight * pred * pred)
+    return float(max(scale, MIN_SCALE))
+
+
+def align_depth(pred: np.ndarray, gt: np.ndarray, mode: str,
+                device: str = "cpu") -> tuple[float, float]:
+    """Scale ``s`` and shift ``t`` mapping scored predictions ``pred`` (N,) onto ``gt`` (N,) by
+    ``mode`` (``median``, ``scale_shift``, ``scale`` or ``none``; module docstring)."""
+    if mode == "median":
+        return float(np.median(gt) / np.median(pred)), 0.0
+    if mode == "scale_shift":
+        return _l1_scale_shift(pred, gt, device)
+    if mode == "scale":
+        return _l1_scale(pred, gt), 0.0
+    return 1.0, 0.0
+
+
 def depth_metrics(
     pred: np.ndarray,
     gt: np.ndarray,
     valid: np.ndarray | None = None,
     *,
     align: str = "median",
+    cap: float | None = None,
+    clip: float | None = None,
+    device: str = "cpu",
 ) -> dict:
-    """Scale-aligned AbsRel and δ<1.25 of ``pred`` against ``gt`` (see the module docstring).
+    """Aligned AbsRel and δ<1.25 of ``pred`` against ``gt`` (see the module docstring).
 
-    Returns ``{"abs_rel", "delta_1.25", "scale", "pixels"}`` as plain Python numbers;
+    Returns ``{"abs_rel", "delta_1.25", "scale", "shift", "pixels"}`` as plain Python numbers;
     ``scale`` is a float, or a list of per-frame floats for ``align="median_per_frame"``.
+    ``device`` runs the ``scale_shift`` fit (the published code fits on the GPU).
     """
     pred = np.asarray(pred, dtype=np.float64)
     gt = np.asarray(gt, dtype=np.float64)
@@ -92,6 +190,8 @@ def depth_metrics(
         raise UserError(f"unknown depth alignment {align!r}; choose one of {ALIGN_MODES}")
 
     mask = np.isfinite(gt) & (gt > 0) & np.isfinite(pred) & (pred > 0)
+    if cap is not None:
+        mask &= gt < cap
     if valid is not None:
         valid = np.asarray(valid, dtype=bool)
         if valid.shape != gt.shape:
@@ -99,28 +199,31 @@ def depth_metrics(
         mask &= valid
     pixels = int(mask.sum())
     if pixels == 0:
-        raise UserError("no valid depth pixels to score (gt > 0, pred > 0, both finite, in mask)")
+        raise UserError("no valid depth pixels to score (gt > 0 and below the cap, pred > 0, "
+                        "both finite, in mask)")
 
-    if align == "median":
-        s = float(np.median(gt[mask]) / np.median(pred[mask]))
-        scale_map = np.full(pred.shape[0], s)
-        scale_out: float | list[float] = s
-    elif align == "median_per_frame":
+    shift = 0.0
+    if align == "median_per_frame":
         scale_map = np.full(pred.shape[0], np.nan)
         for t in range(pred.shape[0]):
             m = mask[t]
             if m.any():
                 scale_map[t] = np.median(gt[t][m]) / np.median(pred[t][m])
-        scale_out = [float(v) for v in scale_map]
+        scale_out: float | list[float] = [float(v) for v in scale_map]
     else:
-        scale_map = np.ones(pred.shape[0])
-        scale_out = 1.0
+        scale, shift = align_depth(pred[mask], gt[mask], align, device)
+        scale_map = np.full(pred.shape[0], scale)
+        scale_out = scale
 
-    aligned = pred * scale_map[:, None, None]
+    aligned = pred * scale_map[:, None, None] + shift
     d, g = aligned[mask], gt[mask]
+    if clip is not None:
+        d = np.minimum(d, clip)
     abs_rel = float(np.mean(np.abs(d - g) / g))
-    delta = float(np.mean(np.maximum(d / g, g / d) < 1.25))
-    return {"abs_rel": abs_rel, "delta_1.25": delta, "scale": scale_out, "pixels": pixels}
+    floored = np.maximum(d, DELTA_FLOOR)
+    delta = float(np.mean(np.maximum(floored / g, g / floored) < 1.25))
+    return {"abs_rel": abs_rel, "delta_1.25": delta, "scale": scale_out, "shift": float(shift),
+            "pixels": pixels}
 
 
 # ---------------------------------------------------------------------------------------- poses

@@ -5,21 +5,27 @@ with status 2; a job that failed before writing any result leaves no job directo
 that failed later keeps what it wrote and ends its ``run.log`` with the error. In a multirun the
 job returns a :class:`vggt4d.sweeps.JobFailure` instead of exiting (launchers record returns,
 not exits) and an unexpected exception is logged with its traceback to ``run.log`` and raised
-to Hydra; the sweeper names every failed job at the end.
+to Hydra; the sweeper names every failed job at the end. An output folder that Hydra itself
+cannot create or write its files into (read-only, full disk) is one ``error:`` line too
+(:func:`cli`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from vggt4d.cache import Cache
 from vggt4d.config import validate
@@ -28,7 +34,7 @@ from vggt4d.evaluate import EvalStage
 from vggt4d.export.stage import ExportStage
 from vggt4d.frames import FramesStage
 from vggt4d.gram import GramStage
-from vggt4d.io import write_json
+from vggt4d.io import OutputError, describe_os_error, output_error, write_json
 from vggt4d.latent import LatentStage
 from vggt4d.maps import MapsStage
 from vggt4d.masks import MasksStage
@@ -75,6 +81,29 @@ def log_to_file_only(message: str,
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
+
+
+def report_log_write_failures() -> None:
+    """A job log that cannot be written (a full disk) costs one warning line on the console
+    instead of logging's traceback for every record; other logging errors report as usual."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handleError = _log_write_failure(handler)
+
+
+def _log_write_failure(handler: logging.FileHandler) -> Callable[[logging.LogRecord], None]:
+    default, reported = handler.handleError, []
+
+    def handle_error(record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if not isinstance(err, OSError):
+            default(record)
+        elif not reported:
+            reported.append(err)
+            print(f"warning: cannot write {handler.baseFilename}: {describe_os_error(err)}; "
+                  f"the log goes on on the console only", file=sys.stderr)
+
+    return handle_error
 
 
 def run_job(cfg: DictConfig, out_dir: Path, job: JobInfo | None = None) -> Context:
@@ -131,6 +160,7 @@ def main(cfg: DictConfig) -> JobFailure | None:
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    report_log_write_failures()
     try:
         run_job(cfg, out_dir, hydra_job())
     except UserError as err:
@@ -152,5 +182,59 @@ def main(cfg: DictConfig) -> JobFailure | None:
     return None
 
 
+def raised_in_job(err: BaseException) -> bool:
+    """True when ``err`` came through :func:`main`'s body (the job), not only Hydra's set-up."""
+    job, frame = main.__wrapped__.__code__, err.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code is job:
+            return True
+        frame = frame.tb_next
+    return False
+
+
+def output_folder_error(err: OSError) -> OutputError:
+    """The one-line error for an output folder Hydra could not create or write its own files
+    into; a half-written job folder (Hydra's files only) is removed. A write that fails without
+    a file name (a full disk) is placed by the job log Hydra had opened in that folder."""
+    logs = [Path(h.baseFilename) for h in logging.getLogger().handlers
+            if isinstance(h, logging.FileHandler)]
+    if logs:
+        remove_if_no_results(logs[0].parent)
+    folder = err.filename or (logs[0].parent if logs else "the output folder")
+    return output_error(Path(folder), err)
+
+
+def cli() -> None:
+    """``python -m vggt4d.run``: :func:`main`, with the errors Hydra meets outside the job — an
+    output folder it cannot create or write (read-only, full disk), a launcher's user error —
+    printed as one ``error:`` line with exit status 2 instead of a traceback.
+
+    Hydra hands exceptions to its caller only under ``HYDRA_FULL_ERROR``, so it is set for the
+    call; composition errors are then printed as Hydra prints them (exit status 1) and any other
+    exception keeps its full traceback. A user who sets ``HYDRA_FULL_ERROR`` gets every traceback.
+    """
+    if os.environ.get("HYDRA_FULL_ERROR"):
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except CompactHydraException as err:
+        print(err, file=sys.stderr)
+        if isinstance(err.__cause__, OmegaConfBaseException):
+            print(err.__cause__, file=sys.stderr)
+        sys.exit(1)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if raised_in_job(err):
+            raise
+        print(f"error: {output_folder_error(err)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        del os.environ["HYDRA_FULL_ERROR"]
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -104,6 +104,23 @@ def test_protocol_rules_literal():
         DAVIS2017.void = False
     with pytest.raises(UserError, match="davis2016, davis2017, vggt4d"):
         protocol_rules("davis2018")
+    assert VGGT4D.at_prediction_size and not DAVIS2016.at_prediction_size
+
+
+def test_vggt4d_protocol_scores_at_the_prediction_size():
+    """A 4x4 prediction against an 8x8 annotation: davis2017 upsamples the prediction (F radius
+    from the 8x8 diagonal: ceil(0.008·11.3) = 1 px), vggt4d downsamples the annotation."""
+    from vggt4d.evaluate import mask_scores
+
+    truth = np.zeros((1, 8, 8), bool)
+    truth[0, 2:6, 2:6] = True  # a 4x4 square, exactly the 2x2 block of the prediction
+    truth[0, 6, 6] = True  # one stray pixel nearest-neighbour downsampling does not sample
+    pred = np.zeros((1, 4, 4), bool)
+    pred[0, 1:3, 1:3] = True
+    at_truth = mask_scores({"coarse": pred}, truth, None, DAVIS2017, 0.008)
+    at_pred = mask_scores({"coarse": pred}, truth, None, VGGT4D, 0.008)
+    assert at_truth["JM"] == pytest.approx(16 / 17)  # the stray pixel counts at 8x8
+    assert at_pred["JM"] == 1.0  # 4x4: the truth is sampled at odd pixels, the stray one missed
 
 
 # ---------------------------------------------------------------- boundary maps by hand

@@ -136,7 +136,8 @@ def test_vggt_layers_map_to_da3s_alternating_blocks():
     from vggt4d.second_pass import hidden_blocks
 
     # VGGT layer i = a per-frame and a global block; DA3 alternates them from alt_start on
-    assert hidden_blocks([0, 1, 2, 3, 4], "vggt", 13, 40) == list(range(13, 23))  # giant
+    assert hidden_blocks([0, 1, 2, 3, 4], "vggt", 13, 40) == list(range(12, 22))  # giant
+    assert hidden_blocks([0, 1], "vggt", 8, 24) == [8, 9, 10, 11]  # large: 9, 11 global
     assert hidden_blocks([0, 1, 2, 3, 4], "vggt", 4, 12) == list(range(4, 12))  # small: 4 pairs
     assert hidden_blocks([1, 2], "blocks", 4, 12) == [1, 2]
     with pytest.raises(UserError, match="layer_rule=blocks"):

@@ -106,12 +106,16 @@ class ProtocolRules:
     """Palette index 255 of an annotation is void (left out of J and F); else it is foreground."""
     skip_ends: bool
     """The first and last frame of every sequence are not scored."""
+    at_prediction_size: bool = False
+    """Score at the predictions' (processing) size, the annotations resized to it by nearest
+    neighbour (VGGT4D scores at its 518-wide processing size); else at the annotations' size."""
 
 
 _PROTOCOLS = {
     "davis2016": ProtocolRules("davis2016", empty_union_j=1.0, void=False, skip_ends=True),
     "davis2017": ProtocolRules("davis2017", empty_union_j=1.0, void=True, skip_ends=False),
-    "vggt4d": ProtocolRules("vggt4d", empty_union_j=0.0, void=False, skip_ends=False),
+    "vggt4d": ProtocolRules("vggt4d", empty_union_j=0.0, void=False, skip_ends=False,
+                            at_prediction_size=True),
 }
 PROTOCOLS = tuple(_PROTOCOLS)
 
@@ -638,12 +642,19 @@ def _geometry_line(family: str, values: dict) -> str:
 
 def mask_scores(stages: dict[str, np.ndarray], truth: np.ndarray, void: np.ndarray | None,
                 rules: ProtocolRules, bound_th: float) -> dict:
-    """Scores of each named set of (T, h, w) masks against (T, H, W) truth: the predictions are
-    resized (nearest) to the truth's size first. The last set gives the top-level figures."""
+    """Scores of each named set of (T, h, w) masks against (T, H, W) truth, at the truth's size
+    (predictions resized, nearest) or, with ``rules.at_prediction_size``, at the predictions'
+    (truth and void resized). The last set gives the top-level figures."""
     metrics: dict = {}
     for name, masks in stages.items():
-        scores = score_sequence(resize_masks(masks, *truth.shape[1:3]), truth, void,
-                                rules=rules, bound_th=bound_th)
+        if rules.at_prediction_size:
+            size = masks.shape[1:3]
+            scores = score_sequence(masks, resize_masks(truth, *size),
+                                    None if void is None else resize_masks(void, *size),
+                                    rules=rules, bound_th=bound_th)
+        else:
+            scores = score_sequence(resize_masks(masks, *truth.shape[1:3]), truth, void,
+                                    rules=rules, bound_th=bound_th)
         metrics[name] = {key: scores[key] for key in ("protocol", *_STATISTICS)}
         metrics[name]["per_frame"] = {"J": scores["J"], "F": scores["F"]}
     metrics.update(metrics[name])

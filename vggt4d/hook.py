@@ -1,7 +1,7 @@
 """Capture Q and K of every DA3 backbone block exactly as the attention multiplies them.
 
 DA3's ``Attention.forward`` computes ``qkv → q_norm/k_norm → RoPE → SDPA`` in one function, so
-the post-RoPE Q/K never leave it and a forward hook cannot see them (DESIGN §2). While
+the post-RoPE Q/K never leave it and a forward hook cannot see them (docs/method.md). While
 :func:`capture_attention` is active, the attention forward of each selected block is replaced by
 :func:`_attention_with_capture`, which performs the same operations with the block's own modules
 and hands Q and K to a consumer before ``F.scaled_dot_product_attention``. Everything is restored
@@ -171,6 +171,8 @@ class BlockTokens:
     layout: FrameLayout
     tokens_in: Tensor
     tokens_out: Tensor
+    norm: nn.Module | None = field(default=None, repr=False)
+    """The backbone's final LayerNorm, which DA3 applies to the intermediate layers it reads."""
 
 
 QKConsumer = Callable[[BlockQK], None]
@@ -289,7 +291,7 @@ def capture_attention(
             shape = (state.layout.num_frames, state.layout.tokens_per_frame, -1)
             on_tokens(BlockTokens(layer, is_global, state.layout,
                                   state.to_input_order(args[0].reshape(shape)),
-                                  state.to_input_order(output.reshape(shape))))
+                                  state.to_input_order(output.reshape(shape)), vit.norm))
         return hook
 
     qk_layers = set(range(len(blocks)) if layers is None else layers)

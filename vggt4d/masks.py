@@ -97,8 +97,9 @@ def empty_weak_frames(binary: np.ndarray, soft: np.ndarray, below_mean: float,
 
 def feature_block(model: ModelConfig, features: str) -> int:
     """The block whose output patch tokens k-means clusters: the last per-frame block before
-    ``alt_start`` (``encoder``: DA3's counterpart of the DINO-encoder output VGGT4D clusters)
-    or the last block."""
+    ``alt_start`` (``encoder``: DA3's counterpart of the DINO-encoder output VGGT4D clusters,
+    read through the backbone's final LayerNorm as DA3 reads its intermediate layers, as VGGT
+    takes DINOv2's normed patch tokens) or the last block (its raw output)."""
     if features == KMeansFeatures.last_block:
         return model.num_blocks - 1
     if model.alt_start < 1:
@@ -128,15 +129,19 @@ class MasksStage(Stage):
         kept = FrameRows()  # over chunks: each frame's rows from the chunk that owns it
         start = ctx.cfg.model.patch_start_idx
 
+        normed = ctx.cfg.masks.kmeans_features == KMeansFeatures.encoder
+
         def keep(tokens) -> None:
             grid = tokens.layout.grid
-            patches = tokens.tokens_out[:, start:]
+            out = tokens.norm(tokens.tokens_out) if normed else tokens.tokens_out
+            patches = out[:, start:]
             kept.put(patches.reshape(len(patches), *grid, -1).half().cpu())
 
         def save(out_dir) -> None:
             write_safetensors(out_dir / FEATURES_FILE, {"features": kept.value}, {"block": block})
 
-        return ChunkedTap(key={"patch_features": block}, files=(FEATURES_FILE,), save=save,
+        return ChunkedTap(key={"patch_features": block, "normed": normed},
+                          files=(FEATURES_FILE,), save=save,
                           on_tokens=keep, token_layers=frozenset({block}),
                           start_chunk=kept.start)
 

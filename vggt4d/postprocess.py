@@ -9,7 +9,8 @@ Where the steps come from (docs/method.md):
 - VGGT4D (arXiv 2511.19971): k-means (64 clusters) over the patch features of all frames, each
   patch takes its cluster's mean Dyn (:func:`kmeans_smooth`); bilinear upsampling
   (:func:`upsample_bilinear`); one adaptive multi-Otsu threshold per sequence
-  (:func:`adaptive_multi_otsu`); close 5×5 and dilate 3×3 after refinement (:func:`morphology`).
+  (:func:`adaptive_multi_otsu`); the refinement's elliptic close and dilation live in
+  :mod:`vggt4d.refine`.
 - The AnyDynamics research scripts: guided filter with a grey guide (box 0.02·W, eps 1e-4) or
   an "RGB-D" guide 0.7·grey + 0.3·depth (:func:`guided_filter`, :func:`guide_from_frames`),
   temporal Gaussian σ 1 over 9 taps (:func:`temporal_gaussian`), 3×3 spatial Gaussian σ 0.5

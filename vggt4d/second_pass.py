@@ -61,10 +61,10 @@ def depth_comparison(first: np.ndarray, second: np.ndarray) -> np.ndarray:
 def hidden_blocks(layers: list[int], rule: str, alt_start: int, num_blocks: int) -> list[int]:
     """DA3 blocks whose dynamic keys/values are hidden.
 
-    ``rule=vggt``: ``layers`` are VGGT aggregator layers, each a per-frame *and* a global
-    attention block; DA3 alternates the two from ``alt_start`` on (even per-frame, odd global),
-    so VGGT layer i ↦ DA3 blocks alt_start + 2i and alt_start + 2i + 1 (VGGT4D's layers 0–4 ↦
-    the first five global blocks and the per-frame blocks before each; DA3-giant: 13–22).
+    ``rule=vggt``: ``layers`` are VGGT aggregator layers, each a per-frame attention block
+    followed by a global one. DA3's global blocks are the odd ones from ``alt_start`` on, with a
+    per-frame block before each, so VGGT layer i ↦ DA3's i-th global block g_i and the
+    per-frame block g_i − 1 (VGGT4D's layers 0–4 ↦ DA3-giant blocks 12–21, da3-small 4–11).
     ``rule=blocks``: ``layers`` are DA3 blocks as they are.
     """
     if rule == LayerRule.blocks:
@@ -72,17 +72,18 @@ def hidden_blocks(layers: list[int], rule: str, alt_start: int, num_blocks: int)
     if alt_start < 0:
         raise UserError("second_pass.layer_rule=vggt needs a model with global attention "
                         "blocks; use second_pass.layer_rule=blocks with DA3 block numbers")
-    pairs = (num_blocks - alt_start) // 2
+    first_global = alt_start if alt_start % 2 else alt_start + 1
+    pairs = (num_blocks - first_global + 1) // 2
     beyond = sorted({layer for layer in layers if layer >= pairs})
     if beyond:
         log.warning("second_pass.layers %s are beyond this model's %d per-frame/global block "
-                    "pairs (blocks %d-%d); hiding keys in the others", beyond, pairs, alt_start,
-                    num_blocks - 1)
+                    "pairs (blocks %d-%d); hiding keys in the others", beyond, pairs,
+                    first_global - 1, num_blocks - 1)
     kept = [layer for layer in layers if layer < pairs]
     if not kept:
         raise UserError(f"second_pass.layers={list(layers)}: this model has VGGT-style layers "
                         f"0-{pairs - 1} only; use some of those")
-    return sorted({alt_start + 2 * layer + offset for layer in kept for offset in (0, 1)})
+    return sorted({first_global + 2 * layer - offset for layer in kept for offset in (0, 1)})
 
 
 def patch_mask_of(ctx) -> torch.Tensor:

@@ -12,8 +12,8 @@ MORPHOLOGY_OPS = ("open", "close", "dilate", "erode")
 
 class KMeansFeatures(StrEnum):
     """Patch features k-means clusters: ``encoder`` = the tokens leaving the last per-frame
-    block before ``alt_start`` (DA3's counterpart of the DINO-encoder output VGGT4D clusters);
-    ``last_block`` = the last block's output tokens."""
+    block before ``alt_start``, through the backbone's final LayerNorm (DA3's counterpart of the
+    normed DINO-encoder output VGGT4D clusters); ``last_block`` = the last block's raw output."""
 
     encoder = "encoder"
     last_block = "last_block"

@@ -13,6 +13,7 @@ import dataclasses
 import enum
 import logging
 import os
+import re
 import subprocess
 import sys
 import types
@@ -150,8 +151,9 @@ def write_video(path: Path, count: int, fps: int, size: tuple[int, int] = (64, 4
 def decode_spy(monkeypatch) -> dict[str, int]:
     """Counts frames pulled from imageio-ffmpeg (the metadata item excluded) and images
     converted to pixels."""
-    counts = {"video_frames": 0, "images": 0}
+    counts = {"video_frames": 0, "images": 0, "clips": 0}
     read_frames, convert = imageio_ffmpeg.read_frames, frames_module.to_rgb8
+    load_clip = frames_module.load_clip
 
     def counted_read_frames(*args, **kwargs):
         reader = read_frames(*args, **kwargs)
@@ -164,8 +166,13 @@ def decode_spy(monkeypatch) -> dict[str, int]:
         counts["images"] += 1
         return convert(image)
 
+    def counted_load_clip(data):
+        counts["clips"] += 1
+        return load_clip(data)
+
     monkeypatch.setattr(imageio_ffmpeg, "read_frames", counted_read_frames)
     monkeypatch.setattr(frames_module, "to_rgb8", counted_convert)
+    monkeypatch.setattr(frames_module, "load_clip", counted_load_clip)
     return counts
 
 
@@ -186,7 +193,7 @@ def test_a_long_video_that_does_not_fit_is_refused_before_decoding(tmp_path, dec
     # 64x48 → longest side 504, 48·504/64 = 378 = 27·14
     assert "da3-small on 100 frames at 504x378 needs about" in str(info.value)
     assert "but 2.0 GiB is available" in str(info.value)
-    assert decode_spy == {"video_frames": 0, "images": 0}
+    assert decode_spy == {"video_frames": 0, "images": 0, "clips": 0}
     assert not (tmp_path / "job").exists()
 
 
@@ -200,7 +207,7 @@ def test_a_huge_process_res_is_refused_before_decoding(tmp_path, decode_spy, cap
                   "memory_limit_gb=64")
     # 40x30 → 14000 x 30·14000/40 = 10500 = 750·14
     assert "da3-small on 2 frames at 14000x10500 needs about" in str(info.value)
-    assert decode_spy == {"video_frames": 0, "images": 0}
+    assert decode_spy == {"video_frames": 0, "images": 0, "clips": 0}
     assert any("enlarged 350.0x" in r.getMessage() for r in caplog.records)
 
 
@@ -230,6 +237,22 @@ def test_a_frame_enlarged_from_a_tiny_image_warns(tmp_path, caplog):
     # 20x15 → 140 x 105 → 112 (105 = 7.5·14 rounds up): 140 / 20 = 7.0
     assert any("frames of 20x15 are enlarged 7.0x to 140x112" in r.getMessage()
                for r in caplog.records if r.levelno == logging.WARNING)
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("viz.cmap=jett", "viz.cmap='jett' is not a matplotlib colour map"),
+    ("masks.morph_before=[opn:3]", "masks.morph_before entry 'opn:3' must be op:size"),
+    ("device=gpu", "device='gpu' is not a torch device"),
+    ("model.hooked_network=da3_metric", "model.hooked_network='da3_metric' does not lead to a DA3 "
+                                        "backbone"),
+])
+def test_free_text_choices_are_refused_before_frames_or_weights(tmp_path, decode_spy, override,
+                                                                 needle):
+    """Settings whose choices are open (colour maps, morphology specs, devices, a network
+    path) are checked up front too."""
+    with pytest.raises(UserError, match=re.escape(needle)):
+        check_job(tmp_path, override, "process_res=56", "data.num_frames=2")
+    assert decode_spy == {"video_frames": 0, "images": 0, "clips": 0}
 
 
 # --------------------------------------------------------------------------------------------

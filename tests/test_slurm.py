@@ -225,11 +225,13 @@ class FakeSlurm:
     """Answers sacct, squeue and scancel from a script: ``queues`` is one squeue answer per call
     (the last one repeats)."""
 
-    def __init__(self, queues: list[str], accounting: bool = False):
-        self.queues, self.accounting, self.calls = queues, accounting, []
+    def __init__(self, queues: list[str], accounting: bool = False, clock=None):
+        self.queues, self.accounting, self.clock = queues, accounting, clock
+        self.calls, self.timed_calls = [], []
 
     def __call__(self, command: list[str]) -> subprocess.CompletedProcess:
         self.calls.append(command)
+        self.timed_calls.append((self.clock() if self.clock else 0.0, command))
         name = command[0]
         if name == "sacct":
             if not self.accounting:
@@ -262,16 +264,22 @@ def tasks_in(folder: Path, count: int) -> list[Task]:
 
 
 def test_watch_cancels_tasks_stuck_in_the_queue(tmp_path, caplog):
-    fake, clock = FakeSlurm(["7_0|PENDING|PartitionConfig\n7_1|PENDING|Resources\n"]), FakeClock()
-    tasks = tasks_in(tmp_path, 2)
-    tasks[1].result.write_bytes(b"done")  # task 1 finished; its result is there
+    clock = FakeClock()
+    fake = FakeSlurm(["7_0|PENDING|PartitionConfig\n7_1|PENDING|ReqNodeNotAvail, "
+                      "UnavailableNodes:n1\n7_2|PENDING|Resources\n"], clock=clock)
+    tasks = tasks_in(tmp_path, 3)
+    tasks[2].result.write_bytes(b"done")  # task 2 finished; its result is there
     with caplog.at_level(logging.INFO, logger="vggt4d.cluster"):
         watch(tasks, Slurm(run=fake), clock=clock, sleep=clock.sleep)
-    assert tasks[0].failure is not None and "PartitionConfig" in tasks[0].failure
-    assert "cancelled" in tasks[0].failure
-    assert tasks[1].failure is None
-    assert ["scancel", "7_0"] in fake.calls
-    assert 10 <= clock.now <= 20  # the grace of two queue looks, then at once
+    assert tasks[0].failure == ("Slurm job 7_0 was pending for a reason that cannot clear "
+                                "(PartitionConfig: the request exceeds what the partition "
+                                "allows); cancelled")
+    assert "ReqNodeNotAvail" in tasks[1].failure
+    assert tasks[2].failure is None
+    # a final reason is cancelled at first sight, missing nodes after a minute
+    cancels = [(when, call[1:]) for when, call in fake.timed_calls if call[0] == "scancel"]
+    assert cancels[0] == (0.0, ["7_0"])
+    assert len(cancels) == 2 and cancels[1][1] == ["7_1"] and 60 <= cancels[1][0] <= 70
     notices = [r for r in caplog.records if "accounting is not available" in r.getMessage()]
     assert len(notices) == 1
 
@@ -304,7 +312,7 @@ def test_watch_ends_when_results_appear_and_names_final_states_with_accounting(t
 
 # --- a real one-node cluster ---------------------------------------------------------------
 
-SWEEP = ["model=da3-small", "model.weights=random", "logger=none", "process_res=112",
+SWEEP = ["model=da3-small", "model.weights=random", "logger=none", "process_res=56",
          "pipeline=[masks,eval]"]
 
 

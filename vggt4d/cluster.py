@@ -46,11 +46,12 @@ STUCK_REASONS = {
     "DependencyNeverSatisfied": "a job it depends on failed",
 }
 """Pending reasons (``squeue %r``) that no amount of waiting clears, with what they mean."""
+STUCK_GRACE_S = {"ReqNodeNotAvail": 60.0}
+"""Seconds a stuck reason must last before the task is cancelled: the nodes a job needs may be
+back after a reboot; every other reason in :data:`STUCK_REASONS` is final when first seen."""
 UNAVAILABLE_STATES = ("down", "drain", "fail", "maint", "future", "inval")
 """Node states (``sinfo %T`` prefixes) in which a node takes no new job; a trailing ``*``
 marks a node that does not respond."""
-STUCK_GRACE_S = 10.0
-"""A task is cancelled once it has shown a stuck reason for this long (two queue looks)."""
 RESULT_GRACE_S = 15.0
 """How long a result file may take to appear after its task left the queue (shared file
 systems are slow to show new files)."""
@@ -418,7 +419,7 @@ def watch(tasks: Sequence[Task], slurm: Slurm, *, clock: Callable[[], float] = t
     """Wait until every task has a result file or a ``failure`` (set on the task).
 
     Result files are checked every ``poll_s``, the queue every :func:`query_interval`: a task
-    pending for a reason in :data:`STUCK_REASONS` for :data:`STUCK_GRACE_S` is cancelled, one
+    pending for a reason in :data:`STUCK_REASONS` (for :data:`STUCK_GRACE_S`) is cancelled, one
     that left the queue without a result for :data:`RESULT_GRACE_S` is failed with its final
     state (from accounting when there is some) and its log path. State changes are logged.
     """
@@ -463,7 +464,7 @@ def follow_queue(waiting: Sequence[Task], queue: dict[str, tuple[str, str]], slu
             task.stuck_since = None
             continue
         task.stuck_since = task.stuck_since if task.stuck_since is not None else now
-        if now - task.stuck_since >= STUCK_GRACE_S:
+        if now - task.stuck_since >= STUCK_GRACE_S.get(reason.split(",")[0].strip(), 0.0):
             task.failure = (f"Slurm job {task.task_id} was pending for a reason that cannot "
                             f"clear ({reason}: {meaning}); cancelled")
             stuck.append(task.task_id)

@@ -12,7 +12,6 @@ by the environment variable ``VGGT4D_TEST_FAULTS`` (JSON ``[[folder, errno, name
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import subprocess
@@ -68,9 +67,15 @@ def refuse_writes(*rules: FaultRule) -> Iterator[None]:
         _RULES.clear()
 
 
-INJECT = ("import json, os, runpy, sys; from tests import filesystems; "
-          "filesystems._RULES.extend(tuple(r) for r in json.loads(os.environ['VGGT4D_TEST_FAULTS']));"
-          "sys.argv[0] = 'vggt4d.run'; runpy.run_module('vggt4d.run', run_name='__main__')")
+def refuse_writes_from_env() -> None:
+    """Install the rules of ``VGGT4D_TEST_FAULTS`` for the rest of the process."""
+    _RULES.extend((folder, code, part) for folder, code, part
+                  in json.loads(os.environ["VGGT4D_TEST_FAULTS"]))
+
+
+INJECT = ("import runpy, sys; from tests.filesystems import refuse_writes_from_env; "
+          "refuse_writes_from_env(); sys.argv[0] = 'vggt4d.run'; "
+          "runpy.run_module('vggt4d.run', run_name='__main__')")
 """``python -c INJECT overrides...``: the runner with the faults of ``VGGT4D_TEST_FAULTS``."""
 
 
@@ -117,6 +122,3 @@ def read_only(path: Path) -> Iterator[Path]:
         yield path
     finally:
         _unmount(path)
-
-
-__all__ = ["INJECT", "errno", "fault_env", "read_only", "refuse_writes", "tiny_disk"]

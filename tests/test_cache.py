@@ -119,7 +119,7 @@ def test_restored_files_are_copies_an_edit_reaches_neither_the_cache_nor_other_j
     assert (entry / "result.bin").read_bytes() == RESULT
     assert (tmp_path / "c" / "result.bin").read_bytes() == RESULT
     assert (tmp_path / "first" / "result.bin").read_bytes() == RESULT
-    stage_d, ctx_d = job(stored, tmp_path / "d")
+    stage_d, _ = job(stored, tmp_path / "d")
     assert stage_d.runs == 0 and job_files(tmp_path / "d") == FILES
     assert not warnings_of(caplog)
 
@@ -192,16 +192,22 @@ def _other_files(entry: Path) -> None:
     (entry / "manifest.json").write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("damage", [_truncate, _flip_a_byte, _no_manifest, _garbled_manifest,
-                                    _missing_file, _other_files],
-                         ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize(("damage", "reason"), [
+    (_truncate, "result.bin differs from its manifest (150000 bytes, the manifest says 300000)"),
+    (_flip_a_byte, "result.bin differs from its manifest (its SHA-256 differs)"),
+    (_no_manifest, "no manifest (an interrupted or older write)"),
+    (_garbled_manifest, "unreadable manifest"),
+    (_missing_file, "part.bin is missing"),
+    (_other_files, "its manifest lists other files"),
+], ids=lambda f: f.__name__.strip("_") if callable(f) else "")
 def test_a_damaged_entry_is_one_warning_then_recomputed_and_stored_again(
-        stored, tmp_path, caplog, damage):
+        stored, tmp_path, caplog, damage, reason):
     entry = stored / "fake" / KEY
     damage(entry)
     stage, ctx = job(stored, tmp_path / "job")
     warnings = warnings_of(caplog)
-    assert len(warnings) == 1 and f"{entry} is corrupt (" in warnings[0], warnings
+    assert len(warnings) == 1 and f"{entry} is corrupt ({reason}" in warnings[0], warnings
+    assert warnings[0].endswith("removed; recomputing")
     assert stage.runs == 1 and ctx.artifacts["payload"] == RESULT
     assert job_files(tmp_path / "job") == FILES  # fresh, complete, no temporary files
     assert {p.name for p in (stored / "fake").iterdir()} == {KEY, f".{KEY}.lock"}
@@ -240,7 +246,7 @@ def test_a_read_only_cache_without_the_entry_warns_once_and_the_job_completes(
     root = tmp_path / "cache"
     root.mkdir()
     with make_read_only(root):
-        stage, ctx = job(root, tmp_path / "job")
+        stage, _ = job(root, tmp_path / "job")
     warnings = warnings_of(caplog)
     assert len(warnings) == 1 and str(root) in warnings[0] and "not stored" in warnings[0]
     assert "not writable" in warnings[0] or "Read-only" in warnings[0]
@@ -275,7 +281,7 @@ def full_cache_disk(request, tmp_path):
 
 def test_a_full_cache_disk_warns_once_and_the_job_completes(full_cache_disk, tmp_path, caplog):
     root = full_cache_disk
-    stage, ctx = job(root, tmp_path / "job")
+    stage, _ = job(root, tmp_path / "job")
     warnings = warnings_of(caplog)
     assert len(warnings) == 1, warnings
     assert str(root / "fake") in warnings[0] and "disk is full" in warnings[0]

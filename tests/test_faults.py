@@ -66,8 +66,9 @@ def warning_lines(result: subprocess.CompletedProcess) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["read_only_mounted", "unwritable_simulated", "full_mounted",
-                                  "full_at_hydra_config_simulated"])
+@pytest.mark.parametrize("case", ["read_only_mounted", "unwritable_simulated",
+                                  "existing_read_only_mounted", "existing_unwritable_simulated",
+                                  "full_mounted", "full_at_hydra_config_simulated"])
 def test_an_output_folder_that_cannot_take_the_first_result_is_one_line(tmp_path, case):
     """Before any result is written (Hydra's own files included): one line naming the path and
     what to do, no job folder left (nothing half-written)."""
@@ -83,6 +84,17 @@ def test_an_output_folder_that_cannot_take_the_first_result_is_one_line(tmp_path
         line = error_line(run_cli(tmp_path, job, *BASE, pipeline,
                                   faults=((outputs, errno.EACCES, ""),)))
         assert f"cannot write {job}: not writable" in line
+    elif case.startswith("existing"):  # the folder exists: Hydra cannot open run.log in it
+        job.mkdir()
+        if case == "existing_read_only_mounted":
+            with read_only(job):
+                line = error_line(run_cli(tmp_path, job, *BASE, pipeline))
+        else:
+            line = error_line(run_cli(tmp_path, job, *BASE, pipeline,
+                                      faults=((job, errno.EACCES, ""),)))
+        assert f"cannot write {job / 'run.log'}: not writable" in line
+        assert not any(job.iterdir())
+        job.rmdir()
     elif case == "full_mounted":
         with tiny_disk(outputs, 12):  # room for Hydra's config files at most
             line = error_line(run_cli(tmp_path, job, *BASE, pipeline))

@@ -170,8 +170,9 @@ class Cache:
         try:
             size, digest = copy_checked(source, tmp)
             if (size, digest) != (expected.get("size"), expected.get("sha256")):
-                raise CorruptEntry(f"{source.name} differs from its manifest (size {size}, "
-                                   f"expected {expected.get('size')})")
+                what = (f"{size} bytes, the manifest says {expected.get('size')}"
+                        if size != expected.get("size") else "its SHA-256 differs")
+                raise CorruptEntry(f"{source.name} differs from its manifest ({what})")
             os.chmod(tmp, 0o666 & ~current_umask())
             os.replace(tmp, target)
         except FileNotFoundError:

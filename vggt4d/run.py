@@ -227,10 +227,11 @@ def cli() -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except OSError as err:
-        if raised_in_job(err):
+    except (OSError, ValueError) as err:  # logging's ValueError: run.log cannot be opened
+        cause = err if isinstance(err, OSError) else err.__cause__
+        if raised_in_job(err) or not isinstance(cause, OSError):
             raise
-        print(f"error: {output_folder_error(err)}", file=sys.stderr)
+        print(f"error: {output_folder_error(cause)}", file=sys.stderr)
         sys.exit(2)
     finally:
         del os.environ["HYDRA_FULL_ERROR"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import pytest
 import torch
 from hydra import compose, initialize_config_module
 from PIL import Image
@@ -15,7 +14,6 @@ from scipy.spatial.transform import Rotation
 from skimage.filters import threshold_otsu
 
 from vggt4d.config import validate
-from vggt4d.errors import UserError
 from vggt4d.io import read_safetensors
 from vggt4d.masks import DynamicMasks
 from vggt4d.pipeline import Context, execute
@@ -156,7 +154,12 @@ def test_hooks_preset_end_to_end(tmp_path, caplog):
         job / "temporal_stats.safetensors").read_bytes()
 
 
-def test_pictures_of_vggt4d_cues_are_refused(tmp_path):
-    with pytest.raises(UserError, match="drop them from pipeline"):
-        run_job(_compose(*TINY, "pipeline=[masks,viz]", f"cache_dir={tmp_path}"),
-                tmp_path / "job")
+def test_pictures_show_the_query_cosine_cue_without_gram_statistics(tmp_path):
+    ctx = run_job(_compose(*TINY, "pipeline=[masks,viz]", "viz.videos=false",
+                           f"cache_dir={tmp_path}"), tmp_path / "job")
+    ran = [stage.name for stage in ctx.stages]
+    assert "gram" not in ran and "layer_viz" not in ran  # no Gram statistics computed for it
+    job = tmp_path / "job"
+    assert (job / "maps" / "cues_frame000_query_cosine.png").is_file()
+    assert (job / "maps" / "fused_frame003_final_mask.png").is_file()
+    assert not (job / "gram_stats.safetensors").exists()

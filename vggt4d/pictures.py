@@ -23,9 +23,10 @@ import numpy as np
 from torch import Tensor
 
 from vggt4d.cache import content_key
+from vggt4d.config.maps import Cue
 from vggt4d.config.model import band_layers
 from vggt4d.gram import PAIRS, STATS, stat_key
-from vggt4d.maps import CUES, EASI3R_MAPS, normalize, per_frame_maps
+from vggt4d.maps import EASI3R_MAPS, normalize, per_frame_maps
 from vggt4d.postprocess import spatial_gaussian, upsample_bilinear
 from vggt4d.stage import Stage
 from vggt4d.viz import colorize, contact_sheet, overlay_mask, write_png, write_video
@@ -166,13 +167,20 @@ class PicturesStage(Stage):
     name = "viz"
     requires = ("maps", "masks", "prediction", "layer_pictures")
 
+    def reads(self, cfg) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Per-layer pictures come from the Gram statistics, which ``maps.cue=query_cosine``
+        does not compute: then only the cue, fused-map and overlay series are drawn."""
+        if cfg.maps.cue == Cue.query_cosine:
+            return ("maps", "masks", "prediction"), ()
+        return self.requires, self.optional
+
     def run(self, ctx) -> None:
         cfg = ctx.cfg.viz
         maps, masks = ctx.artifacts["maps"], ctx.artifacts["masks"]
         frames = ctx.artifacts["prediction"].frames
         size = frames.shape[1:3]
-        series = [("maps", "cues", name, map_images(maps.cues[name], size, cfg))
-                  for name in CUES]
+        series = [("maps", "cues", name, map_images(cue, size, cfg))
+                  for name, cue in maps.cues.items()]
         series.append(("maps", "fused", "final_mask", map_images(maps.dynamic, size, cfg)))
         series.append(("overlays", "mask", "overlay",
                        np.stack([overlay_mask(frame, mask)

@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vggt4d.config.maps import Cue
 from vggt4d.errors import UserError
 from vggt4d.hook import BlockQK
 from vggt4d.io import read_safetensors, write_safetensors
@@ -118,14 +117,8 @@ class TemporalStage(Stage):
     output = "temporal_stats.safetensors"
 
     def check(self, ctx) -> None:
-        """The blocks exist; with ``maps.cue=query_cosine`` there are no VGGT4D cues or Easi3R
-        maps, which the viz and log stages picture."""
+        """The blocks exist."""
         temporal_layers(ctx.cfg)
-        pictured = [name for name in ("viz", "log") if ctx.has_stage(name)]
-        if ctx.cfg.maps.cue == Cue.query_cosine and pictured:
-            raise UserError(f"maps.cue=query_cosine gives one cue map, not the VGGT4D cues that "
-                            f"the {' and '.join(pictured)} stage(s) picture: drop them from "
-                            f"pipeline")
 
     def forward_tap(self, ctx) -> ForwardTap:
         layers = temporal_layers(ctx.cfg)

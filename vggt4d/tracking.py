@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-from vggt4d.maps import CUES
 from vggt4d.postprocess import upsample_bilinear
 from vggt4d.stage import Stage
 from vggt4d.viz import colorize
@@ -76,7 +75,7 @@ def frame_records(ctx) -> list[dict]:
     clip = ctx.artifacts.get("clip")
     frames = prediction.frames
     size = frames.shape[1:3]
-    series = {name: (f"cues_frame{{t:03d}}_{name}.png", maps.cues[name]) for name in CUES}
+    series = {name: (f"cues_frame{{t:03d}}_{name}.png", cue) for name, cue in maps.cues.items()}
     series["dynamic"] = ("fused_frame{t:03d}_final_mask.png", maps.dynamic)
     truth = None
     if clip is not None and getattr(clip.ground_truth, "dynamic_masks", None) is not None:

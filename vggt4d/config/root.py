@@ -264,7 +264,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     check_bands(run.bands, CUE_BANDS, run.model.num_blocks)
     _check_layer_lists(run, run.model.num_blocks, "this model's blocks")
     for group in (run.gram, run.maps, run.masks, run.refine, run.second_pass, run.viz, run.eval,
-                  run.points, run.latent, run.export, run.chunk):
+                  run.points, run.latent, run.export, run.chunk, run.cluster):
         group.check()
     run.process_res = round_process_res(run.process_res)
     if run.memory_limit_gb is not None and not run.memory_limit_gb > 0:

@@ -217,6 +217,22 @@ def test_a_damaged_entry_is_one_warning_then_recomputed_and_stored_again(
     assert job_files(tmp_path / "later") == FILES
 
 
+def test_restoring_into_a_full_output_disk_is_an_output_error_without_leftovers(stored,
+                                                                                 tmp_path):
+    """The job's folder, not the cache, is full: that is the user's error to fix (one line),
+    and the entry stays as it was."""
+    from vggt4d.io import OutputError
+
+    before = tree(stored)
+    out = tmp_path / "job"
+    with refuse_writes((str(out), errno.ENOSPC, "result.bin")), \
+            pytest.raises(OutputError) as info:
+        job(stored, out)
+    assert str(info.value).startswith(f"cannot write {out / 'result.bin'}: the disk is full")
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert tree(stored) == before
+
+
 # --------------------------------------------------------------------------------------------
 # caches that cannot be written
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """4-D scene tokens: the clip's points → voxels → per-voxel aggregates and PTv3 (Concerto) features.
 
-Steps (Concerto's default transform, DESIGN.md §4, applied once to the whole clip):
+Steps (Concerto's default transform, docs/method.md, applied once to the whole clip):
 
 1. CenterShift: ``X_enc = X_scene − shift`` with ``shift`` = the bounding box centre in x, y and
    the minimum in z over *all* frames (per-frame shifts would make cross-frame distances
@@ -19,7 +19,7 @@ Steps (Concerto's default transform, DESIGN.md §4, applied once to the whole cl
    through the pooling chain (:func:`vggt4d.ptv3.model.features_at_input`). A token of
    ``(x, y, z, b)`` takes the features of its spatial voxel ``(x, y, z)``.
 
-Embeddings (defaults reproduce the user's token script, SEED_SCRIPTS.md):
+Embeddings (defaults reproduce the AnyDynamics token script, docs/method.md):
 
 * ``time_emb``, width ``D = time_dim`` (even): ``t = i / (T − 1)``,
   ``[sin ω₀t, cos ω₀t, sin ω₁t, cos ω₁t, …]`` with ``ω_k = 10^{2 − 3k / (D/2 − 1)}``,
@@ -32,6 +32,17 @@ Embeddings (defaults reproduce the user's token script, SEED_SCRIPTS.md):
 Averaged sin/cos codes are mixtures, not unit vectors (defect 8): ``first_frame``,
 ``last_frame``, ``frames_seen`` and ``count`` sit beside them so a decoder can tell a static voxel
 from a moving one.
+
+Long videos (:func:`scene_latent_blocks`, what the stage runs): the points come a block of
+frames at a time (:class:`vggt4d.points.ClipPoints`), in the common world of the prediction
+(a chunked prediction is already in the first chunk's world). A first pass measures the centre
+shift and the grid's extent over every voxelised point; a second groups each block's points into
+voxels and merges them into the clip's table (keys in uint64 order, sums added, first/last frame
+by min/max, the encoder's candidate member by the largest random priority); a third locates every
+kept pixel's token. Memory follows the number of voxels, not of frames, and the encoder runs once
+on the final voxels. The result is the same as grouping all points at once (one block), down to
+the random draws (``torch.rand`` on the CPU gives the same numbers in pieces as at once;
+checked in the tests).
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ import functools
 import json
 import logging
 import pickle
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,10 +67,8 @@ from vggt4d.gridsample import (
     Voxels,
     cell_index,
     fnv_hash,
-    group,
     group_by_key,
     ravel_hash,
-    sample_train,
     unsigned_order,
     voxelize,
 )
@@ -142,25 +152,11 @@ def time_bins(frame: Tensor, dynamic: Tensor, time_bin: int) -> Tensor:
 
 @dataclass
 class TokenGrid:
-    """Voxels of the points that built them, and how to find the voxel of any other point."""
+    """Voxels (their ``keys`` and ``grid_coord``), and how to find the voxel of any point."""
 
     voxels: Voxels
     cell_min: Tensor  # (3,) int64 floor(X_enc / g) of grid coordinate 0
     bins: Tensor | None  # (V,) time bin of each voxel (dynamic_voxels), else None
-
-
-def build_tokens(coord: Tensor, grid_size: float, hash_type: str, frame: Tensor | None = None,
-                 dynamic: Tensor | None = None, time_bin: int = 1) -> TokenGrid:
-    """Group (N, 3) encoder-frame points into voxels; with ``frame`` and ``dynamic`` (N,) the
-    dynamic points are keyed in (x, y, z, bin) (module docstring, step 2)."""
-    cell_min = cell_index(coord.amin(dim=0, keepdim=True), grid_size)[0]  # floor is monotone
-    if dynamic is None:
-        return TokenGrid(group(coord, grid_size, hash_type), cell_min, None)
-    grid_coord, min_coord = voxelize(coord, grid_size)
-    bins = time_bins(frame, dynamic, time_bin)
-    key = _hash(torch.cat([grid_coord, bins[:, None]], dim=1), hash_type)
-    voxels = group_by_key(key, grid_coord, min_coord)
-    return TokenGrid(voxels, cell_min, bins[voxels.order[voxels.starts]])
 
 
 def locate(grid: TokenGrid, coord: Tensor, grid_size: float, hash_type: str,
@@ -168,7 +164,7 @@ def locate(grid: TokenGrid, coord: Tensor, grid_size: float, hash_type: str,
            time_bin: int = 1) -> Tensor:
     """(N,) voxel of each (N, 3) point in ``grid``, −1 when its cell holds no voxel.
 
-    The point's cell ``floor(X / g) − cell_min`` (and bin) is hashed as in :func:`build_tokens`,
+    The point's cell ``floor(X / g) − cell_min`` (and bin) is hashed as the voxels' keys were,
     found among the voxel keys by binary search in their unsigned order, and accepted only when
     the voxel's grid coordinate equals the cell (so hash collisions and cells outside the grid
     give −1). A ravel key depends on the grid's extent, so ravel grids are located by fnv keys
@@ -225,6 +221,23 @@ def aggregate(voxels: Voxels, position: Tensor, color: Tensor, frame: Tensor, dy
     Frame-dependent means use the (voxel, frame) histogram:
     ``mean_e(v) = Σ_t n(v, t) e(t) / Σ_t n(v, t)``.
     """
+    return finish_aggregates(voxel_sums(voxels, position, color, frame, dynamic, dynamic_prob,
+                                        time_emb, cam_emb))
+
+
+SUMS = ("count", "sums", "frames_seen", "time", "cam")
+"""Columns of :func:`voxel_sums` that add up over blocks of points; ``first_frame`` and
+``last_frame`` take the minimum and maximum."""
+
+
+def voxel_sums(voxels: Voxels, position: Tensor, color: Tensor, frame: Tensor,
+               dynamic: Tensor, dynamic_prob: Tensor, time_emb: Tensor,
+               cam_emb: Tensor) -> dict[str, Tensor]:
+    """What :func:`aggregate` divides, per voxel (arguments as there): ``count``, ``sums``
+    (V, 8) float64 of ``[position, color / 255, dynamic, dynamic_prob]``, ``first_frame``,
+    ``last_frame``, ``frames_seen`` and the (voxel, frame)-histogram sums ``time`` and ``cam``
+    of the embeddings; blocks of points with distinct frames combine by adding the
+    :data:`SUMS` and taking the min / max of the frames."""
     inverse, count = voxels.inverse, voxels.counts
     num_voxels, num_frames = len(count), len(time_emb)
     pair, pair_count = torch.unique(inverse * num_frames + frame, return_counts=True)
@@ -234,26 +247,29 @@ def aggregate(voxels: Voxels, position: Tensor, color: Tensor, frame: Tensor, dy
     last_pair = pair_starts + pairs_per_voxel - 1
     per_point = torch.cat([position.double(), color.double() / 255.0,
                            dynamic.double()[:, None], dynamic_prob.double()[:, None]], dim=1)
-    means = (_segment_sums(per_point, voxels.order, count) / count[:, None]).float()
     weights = pair_count.double()[:, None]
     every_pair = torch.arange(len(pair), device=pair.device)
 
-    def frame_mean(per_frame: Tensor) -> Tensor:
+    def frame_sums(per_frame: Tensor) -> Tensor:
         weighted = weights * per_frame.to(pair.device)[pair_frame]
-        return (_segment_sums(weighted, every_pair, pairs_per_voxel) / count[:, None]).float()
+        return _segment_sums(weighted, every_pair, pairs_per_voxel)
 
+    return {"count": count, "sums": _segment_sums(per_point, voxels.order, count),
+            "first_frame": pair_frame[pair_starts], "last_frame": pair_frame[last_pair],
+            "frames_seen": pairs_per_voxel, "time": frame_sums(time_emb),
+            "cam": frame_sums(cam_emb)}
+
+
+def finish_aggregates(sums: dict[str, Tensor]) -> VoxelAggregates:
+    """:class:`VoxelAggregates` from :func:`voxel_sums` (the means divided out)."""
+    count = sums["count"]
+    means = (sums["sums"] / count[:, None]).float()
     return VoxelAggregates(
-        count=count,
-        position=means[:, 0:3],
-        color=means[:, 3:6],
-        first_frame=pair_frame[pair_starts],
-        last_frame=pair_frame[last_pair],
-        frames_seen=pairs_per_voxel,
-        dynamic=means[:, 6],
-        dynamic_prob=means[:, 7],
-        time_emb=frame_mean(time_emb),
-        cam_emb=frame_mean(cam_emb),
-    )
+        count=count, position=means[:, 0:3], color=means[:, 3:6],
+        first_frame=sums["first_frame"], last_frame=sums["last_frame"],
+        frames_seen=sums["frames_seen"], dynamic=means[:, 6], dynamic_prob=means[:, 7],
+        time_emb=(sums["time"] / count[:, None]).float(),
+        cam_emb=(sums["cam"] / count[:, None]).float())
 
 
 # ------------------------------------------------------------------------------------------
@@ -334,12 +350,20 @@ class SceneLatent:
             refuse_non_finite(key, value)
         tensors = {**{key: storable(key, value, dtype) for key, value in floats.items()},
                    **exact}
-        compact = torch.contiguous_format
-        return {**{key: None if value is None else value.clone(memory_format=compact)
+        return {**{key: None if value is None else _compact(value)
                    for key, value in tensors.items()},
                 "grid_size": self.meta["grid_size"], "num_frames": self.meta["num_frames"],
                 "format_version": FORMAT_VERSION,
                 "meta": json.loads(json.dumps(self.meta))}  # plain types: weights_only loads
+
+
+def _compact(values: Tensor) -> Tensor:
+    """``values`` in a storage of exactly its own bytes (a copy unless it already is one: a
+    memory-mapped ``pixel_voxel`` of a long video is written without being read into memory)."""
+    if (values.is_contiguous() and values.storage_offset() == 0
+            and values.untyped_storage().nbytes() == values.numel() * values.element_size()):
+        return values
+    return values.clone(memory_format=torch.contiguous_format)
 
 
 def refuse_non_finite(name: str, values: Tensor | None) -> None:
@@ -387,53 +411,258 @@ def cameras_in_frame(extrinsics: np.ndarray, similarity: np.ndarray, scale: floa
 def scene_latent(cloud: PointCloud, extrinsics: np.ndarray, intrinsics: np.ndarray,
                  settings: LatentConfig, device: torch.device, encoder=None,
                  max_per_frame: int = 0, subsample_seed: int = 0) -> SceneLatent:
-    """Tokens of a point cloud (module docstring): voxels of the points (at most
-    ``max_per_frame`` per frame drawn with ``subsample_seed``, 0 = all), their aggregates, the
-    encoder's features (``encoder=None``: none) and every kept pixel's voxel. Random draws are
-    made on the CPU, so the result does not depend on ``device``."""
-    built = cloud.points.subsample(max_per_frame, subsample_seed)
-    num_frames = cloud.num_frames
-    height, width = cloud.kept.shape[1:]
+    """Tokens of a point cloud held in memory: :func:`scene_latent_blocks` with one block."""
+    return scene_latent_blocks(lambda: iter([cloud.points]), cloud.num_frames,
+                               cloud.kept.shape[1:], extrinsics, intrinsics,
+                               cloud.world_to_scene, cloud.scale, cloud.scale_mode, settings,
+                               device, encoder, max_per_frame, subsample_seed)
 
-    def upload(points: ScenePoints, *names: str) -> dict[str, Tensor]:
-        return {name: torch.from_numpy(getattr(points, name)).to(device) for name in names}
 
-    pts = upload(built, "coord", "color", "normal", "frame", "dynamic", "dynamic_prob")
-    shift = center_shift(pts["coord"].double())
-    enc_coord = pts["coord"].double() - shift
-    dynamic_args = (pts["frame"], pts["dynamic"], settings.time_bin) \
-        if settings.dynamic_voxels else ()
-    grid = build_tokens(enc_coord, settings.grid_size, settings.hash, *dynamic_args)
-    voxels = grid.voxels
-    world_to_enc = affine(np.eye(3), -shift.cpu().numpy()) @ cloud.world_to_scene
-    c2w_enc = cameras_in_frame(extrinsics, world_to_enc, cloud.scale)
+# ------------------------------------------------------------------------------------------
+# tokens built block by block
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VoxelTable:
+    """Voxels in the order of their keys read as uint64, with per-voxel ``columns``
+    (leading dimension V), combined block by block by :func:`merge_tables`."""
+
+    keys: Tensor  # (V,) int64 holding uint64 bit patterns
+    columns: dict[str, Tensor]
+
+
+TOKEN_COLUMNS = {**dict.fromkeys(SUMS, "sum"), "first_frame": "amin", "last_frame": "amax",
+                 "grid_coord": "first", "bin": "first"}
+"""How token columns combine: added, smallest, largest, or the earlier block's (its first
+member's)."""
+PICK_COLUMNS = {"priority": "amax", "grid_coord": "first", "coord": "winner", "color": "winner",
+                "normal": "winner"}
+"""Encoder input per spatial voxel: the member with the largest priority wins (:data:`winner`
+columns follow ``priority``)."""
+
+
+def merge_tables(earlier: VoxelTable | None, later: VoxelTable,
+                 rules: dict[str, str]) -> VoxelTable:
+    """Union of two tables' voxels, each column combined by its rule (``sum``, ``amin``,
+    ``amax``, ``first``: the earlier table's, ``winner``: the row with the larger
+    ``priority``). Every key appears at most once per table, so a sum is ``a + b`` whatever
+    the order of the additions: the result has the same bits on every run and device."""
+    if earlier is None:
+        return later
+    keys = torch.cat([earlier.keys, later.keys])
+    ordered, position = torch.sort(unsigned_order(keys), stable=True)
+    unique, inverse_sorted = torch.unique_consecutive(ordered, return_inverse=True)
+    inverse = torch.empty_like(inverse_sorted)
+    inverse[position] = inverse_sorted
+    rows = (inverse[:len(earlier.keys)], inverse[len(earlier.keys):])
+    size = len(unique)
+    columns: dict[str, Tensor] = {}
+    for name, rule in rules.items():
+        if name not in later.columns:
+            continue
+        parts = (earlier.columns[name], later.columns[name])
+        out = parts[0].new_zeros((size, *parts[0].shape[1:]))
+        if rule == "sum":
+            for where, part in zip(rows, parts, strict=True):
+                out.index_add_(0, where, part)
+        elif rule in ("amin", "amax"):
+            out.scatter_reduce_(0, inverse, torch.cat(parts), rule, include_self=False)
+        elif rule == "first":
+            out[rows[1]] = parts[1]
+            out[rows[0]] = parts[0]
+        columns[name] = out
+    for name, rule in rules.items():
+        if rule != "winner" or name not in later.columns:
+            continue
+        parts = (earlier.columns[name], later.columns[name])
+        out = parts[0].new_zeros((size, *parts[0].shape[1:]))
+        for where, part, table in zip(rows, parts, (earlier, later), strict=True):
+            wins = table.columns["priority"] == columns["priority"][where]
+            out[where[wins]] = part[wins]
+        columns[name] = out
+    return VoxelTable(unsigned_order(unique), columns)
+
+
+@dataclass(frozen=True)
+class GridFrame:
+    """Where a clip's tokens lie, from all its voxelised points: the encoder frame's centre
+    shift (3,), the cell of grid coordinate 0 (3,) and every key column's smallest and largest
+    value (2, 3 or 4: the time bin last), which ravel keys depend on."""
+
+    shift: Tensor
+    cell_min: Tensor
+    corners: Tensor
+    points: int
+    voxelised: int
+
+
+def grid_frame(blocks, settings: LatentConfig, max_per_frame: int,
+               subsample_seed: int) -> GridFrame:
+    """Measure :class:`GridFrame` over the points ``blocks()`` yields (the first pass); refuses
+    an extent the PTv3 grid cannot hold, as :func:`vggt4d.gridsample.group` does."""
+    rng = np.random.default_rng(subsample_seed)
+    low, high = np.full(3, np.inf, np.float32), np.full(3, -np.inf, np.float32)
+    bins = [np.iinfo(np.int64).max, np.iinfo(np.int64).min]
+    points = voxelised = 0
+    for block in blocks():
+        built = block.subsample(max_per_frame, rng)
+        points, voxelised = points + len(block), voxelised + len(built)
+        if not len(built):
+            continue
+        low, high = np.minimum(low, built.coord.min(0)), np.maximum(high, built.coord.max(0))
+        if settings.dynamic_voxels:
+            block_bins = time_bins(torch.from_numpy(built.frame), torch.from_numpy(built.dynamic),
+                                   settings.time_bin)
+            bins = [min(bins[0], int(block_bins.min())), max(bins[1], int(block_bins.max()))]
+    if not voxelised:
+        raise UserError("scene tokens: no point to voxelise (points.max_per_frame=0 keeps all; "
+                        "check the points.* filters)")
+    if voxelised >= 2**32:
+        raise UserError(f"scene tokens: {voxelised} points exceed 2**32 - 1; set "
+                        f"points.max_per_frame")
+    extremes = torch.from_numpy(np.stack([low, high])).double()
+    shift = center_shift(extremes)
+    enc = extremes - shift
+    voxelize(enc, settings.grid_size)  # the extent check of every grid sample
+    cell_min = cell_index(enc[:1], settings.grid_size)[0]
+    corners = torch.stack([torch.zeros(3, dtype=torch.int64),
+                           cell_index(enc[1:], settings.grid_size)[0] - cell_min])
+    if settings.dynamic_voxels:
+        corners = torch.cat([corners, torch.tensor(bins)[:, None]], dim=1)
+    return GridFrame(shift, cell_min, corners, points, voxelised)
+
+
+def token_keys(cells: Tensor, hash_type: str, corners: Tensor) -> Tensor:
+    """(N, D) int64 key columns → (N,) keys: FNV of the columns, or their row-major ravel over
+    the clip's extent ``corners`` (2, D) (the same key :func:`vggt4d.gridsample.ravel_hash`
+    gives when every point of the clip is hashed at once)."""
+    if hash_type == "fnv":
+        return fnv_hash(cells)
+    return ravel_hash(torch.cat([cells, corners.to(cells.device)]))[:-2]
+
+
+def _pick_table(voxels: Voxels, enc: Tensor, color: Tensor, normal: Tensor,
+                generator: torch.Generator, offset: int) -> VoxelTable:
+    """One candidate member per voxel for the encoder: every point draws ``r`` in [0, 1)
+    (float32) and has priority ``bits(r) · 2³² + i`` with ``i`` its index in the clip's
+    voxelised points (from ``offset``); the largest wins, as in
+    :func:`vggt4d.gridsample.sample_train` — whose draw and pick these are for a clip of one
+    block."""
+    inverse = voxels.inverse.cpu()
+    draw = torch.rand(len(inverse), generator=generator, dtype=torch.float32).view(torch.int32)
+    priority = torch.arange(offset, offset + len(inverse)).add_(draw.long(), alpha=2**32)
+    best = torch.full((len(voxels.keys),), -1, dtype=torch.int64)
+    best.scatter_reduce_(0, inverse, priority, "amax")
+    member = (best.bitwise_and(2**32 - 1) - offset).to(enc.device)
+    return VoxelTable(voxels.keys, {"priority": best.to(enc.device),
+                                    "grid_coord": voxels.grid_coord, "coord": enc[member],
+                                    "color": color[member], "normal": normal[member]})
+
+
+def _block_tables(built: ScenePoints, frame: GridFrame, settings: LatentConfig,
+                  device: torch.device, time_emb: Tensor, cam_emb: Tensor,
+                  picks: torch.Generator | None, offset: int
+                  ) -> tuple[VoxelTable, VoxelTable | None]:
+    """The token table of one block's voxelised points and, with an encoder (``picks``: its
+    generator), the spatial voxels' candidate members."""
+    pts = {name: torch.from_numpy(getattr(built, name)).to(device)
+           for name in ("coord", "color", "normal", "frame", "dynamic", "dynamic_prob")}
+    enc = pts["coord"].double() - frame.shift.to(device)
+    cells = (torch.floor(enc / settings.grid_size)
+             - frame.cell_min.to(device).double()).long()
+    spatial_corners = frame.corners[:, :3]
+    no_min = torch.zeros(3, dtype=enc.dtype, device=device)
+    if settings.dynamic_voxels:
+        bins = time_bins(pts["frame"], pts["dynamic"], settings.time_bin)
+        key = token_keys(torch.cat([cells, bins[:, None]], dim=1), settings.hash, frame.corners)
+    else:
+        bins, key = None, token_keys(cells, settings.hash, spatial_corners)
+    voxels = group_by_key(key, cells, no_min)
+    columns = voxel_sums(voxels, enc, pts["color"], pts["frame"], pts["dynamic"],
+                         pts["dynamic_prob"], time_emb, cam_emb)
+    columns["grid_coord"] = voxels.grid_coord
+    if bins is not None:
+        columns["bin"] = bins[voxels.order[voxels.starts]]
+    tokens = VoxelTable(voxels.keys, columns)
+    if picks is None:
+        return tokens, None
+    spatial = voxels if bins is None else group_by_key(
+        token_keys(cells, settings.hash, spatial_corners), cells, no_min)
+    return tokens, _pick_table(spatial, enc, pts["color"], pts["normal"], picks, offset)
+
+
+def scene_latent_blocks(blocks, num_frames: int, image_size: tuple[int, int],
+                        extrinsics: np.ndarray, intrinsics: np.ndarray,
+                        world_to_scene: np.ndarray, scale: float, scale_mode: str,
+                        settings: LatentConfig, device: torch.device, encoder=None,
+                        max_per_frame: int = 0, subsample_seed: int = 0,
+                        pixel_voxel: np.ndarray | None = None) -> SceneLatent:
+    """Tokens of a clip whose scene points come a block of frames at a time (module docstring;
+    ``blocks()`` yields :class:`vggt4d.points.ScenePoints` in frame order and is called three
+    times: the grid's frame, the voxels, every kept pixel's voxel).
+
+    Voxels and their sums are merged block by block (:func:`merge_tables`), so memory follows
+    the number of voxels, not of frames: a static surface seen again adds nothing. The encoder
+    runs once, on the final spatial voxels, each represented by one member drawn uniformly
+    (:func:`_pick_table`). ``pixel_voxel``: a (T, H, W) int32 buffer to fill (e.g. a memory
+    map; default a new array). At most ``max_per_frame`` points per frame are voxelised (drawn
+    with ``subsample_seed``, 0 = all); every kept pixel is then located in the voxels
+    (:func:`locate`). One block gives the tokens of the points at once: the same keys, counts,
+    sums and draws. Random draws are made on the CPU, so the result does not depend on
+    ``device``.
+    """
+    height, width = image_size
+    frame = grid_frame(blocks, settings, max_per_frame, subsample_seed)
+    world_to_enc = affine(np.eye(3), -frame.shift.numpy()) @ world_to_scene
+    c2w_enc = cameras_in_frame(extrinsics, world_to_enc, scale)
     time_emb = time_embedding(frame_times(num_frames), settings.time_dim)
     embedded = c2w_enc if settings.camera_frame == "encoder" else camera_to_world(extrinsics)
     cam_emb = camera_embedding(embedded, intrinsics, (height, width), settings.camera_embedding)
-    aggregates = aggregate(voxels, enc_coord, pts["color"], pts["frame"], pts["dynamic"],
-                           pts["dynamic_prob"], time_emb, cam_emb)
-    geo_feat = torch.zeros(len(voxels.keys), 0, device=device)
+    picks = None if encoder is None else torch.Generator().manual_seed(settings.seed)
+    rng = np.random.default_rng(subsample_seed)
+    tokens = spatial = None
+    offset = 0
+    for block in blocks():
+        built = block.subsample(max_per_frame, rng)
+        if not len(built):
+            continue
+        block_tokens, block_picks = _block_tables(built, frame, settings, device, time_emb,
+                                                  cam_emb, picks, offset)
+        tokens = merge_tables(tokens, block_tokens, TOKEN_COLUMNS)
+        if block_picks is not None:
+            spatial = merge_tables(spatial, block_picks, PICK_COLUMNS)
+        offset += len(built)
+    columns = tokens.columns
+    geo_feat = torch.zeros(len(tokens.keys), 0, device=device)
     if encoder is not None:
-        spatial = grid if not settings.dynamic_voxels else build_tokens(
-            enc_coord, settings.grid_size, settings.hash)
-        chosen = sample_train(spatial.voxels.to("cpu"),
-                              torch.Generator().manual_seed(settings.seed)).to(device)
-        features = encode_voxels(encoder, enc_coord[chosen].float(), spatial.voxels.grid_coord,
-                                 pts["color"][chosen], pts["normal"][chosen], settings.levels,
-                                 settings.seed)
-        geo_feat = features[spatial.voxels.inverse[voxels.order[voxels.starts]]]
-    if len(built) == len(cloud.points):
-        located = voxels.inverse
-    else:
-        everyone = upload(cloud.points, "coord", "frame", "dynamic")
-        dynamic_all = (everyone["frame"], everyone["dynamic"], settings.time_bin) \
+        features = encode_voxels(encoder, spatial.columns["coord"].float(),
+                                 spatial.columns["grid_coord"], spatial.columns["color"],
+                                 spatial.columns["normal"], settings.levels, settings.seed)
+        if not settings.dynamic_voxels:
+            geo_feat = features
+        else:  # the spatial voxel of each token: its key without the time bin
+            spatial_keys = unsigned_order(token_keys(columns["grid_coord"], settings.hash,
+                                                     frame.corners[:, :3]))
+            geo_feat = features[torch.searchsorted(unsigned_order(spatial.keys), spatial_keys)]
+    grid = TokenGrid(Voxels(tokens.keys, torch.empty(0, dtype=torch.int64), columns["count"],
+                            columns["grid_coord"], torch.zeros(3)), frame.cell_min.to(device),
+                     columns.get("bin"))
+    if pixel_voxel is None:
+        pixel_voxel = np.empty((num_frames, height, width), np.int32)
+    pixel_voxel.fill(-1)
+    flat_voxel = pixel_voxel.reshape(-1)
+    for block in blocks():
+        if not len(block):
+            continue
+        coord = torch.from_numpy(block.coord).to(device).double() - frame.shift.to(device)
+        dynamic_all = (torch.from_numpy(block.frame).to(device),
+                       torch.from_numpy(block.dynamic).to(device), settings.time_bin) \
             if settings.dynamic_voxels else ()
-        located = locate(grid, everyone["coord"].double() - shift, settings.grid_size,
-                         settings.hash, *dynamic_all)
-    pixel_voxel = torch.full((num_frames * height * width,), -1, dtype=torch.int32)
-    pixel_voxel[torch.from_numpy(cloud.points.pixel)] = located.cpu().int()
-    cell_min = grid.cell_min.cpu().numpy().astype(np.float64)
-    world_to_grid = affine(np.eye(3) / settings.grid_size, -cell_min) @ world_to_enc
+        located = locate(grid, coord, settings.grid_size, settings.hash, *dynamic_all)
+        flat_voxel[block.pixel] = located.cpu().int().numpy()
+    world_to_grid = affine(np.eye(3) / settings.grid_size,
+                           -frame.cell_min.numpy().astype(np.float64)) @ world_to_enc
     meta = {
         "grid_size": settings.grid_size, "num_frames": num_frames,
         "image_size": [height, width], "hash": settings.hash,
@@ -443,16 +672,17 @@ def scene_latent(cloud: PointCloud, extrinsics: np.ndarray, intrinsics: np.ndarr
         "camera_frame": settings.camera_frame,
         "encoder": settings.encoder if encoder is not None else "none",
         "weights": settings.weights if encoder is not None else None,
-        "levels": settings.levels, "scale": cloud.scale, "scale_mode": cloud.scale_mode,
-        "center_shift": shift.cpu().tolist(), "points": len(cloud.points),
-        "points_voxelised": len(built), "max_per_frame": max_per_frame, "seed": settings.seed,
-        "tokens": len(voxels.keys), "channels": int(geo_feat.shape[1]),
+        "levels": settings.levels, "scale": scale, "scale_mode": scale_mode,
+        "center_shift": frame.shift.tolist(), "points": frame.points,
+        "points_voxelised": frame.voxelised, "max_per_frame": max_per_frame,
+        "seed": settings.seed, "tokens": len(tokens.keys), "channels": int(geo_feat.shape[1]),
     }
+    aggregates = finish_aggregates(columns)
     return SceneLatent(
-        geo_feat=geo_feat.cpu(), coord=voxels.grid_coord.cpu(), aggregates=VoxelAggregates(
+        geo_feat=geo_feat.cpu(), coord=columns["grid_coord"].cpu(), aggregates=VoxelAggregates(
             **{name: getattr(aggregates, name).cpu() for name in aggregates.__dataclass_fields__}),
-        time_bin=None if grid.bins is None else grid.bins.cpu(),
-        pixel_voxel=pixel_voxel.reshape(num_frames, height, width),
+        time_bin=None if "bin" not in columns else columns["bin"].cpu(),
+        pixel_voxel=torch.from_numpy(pixel_voxel),
         world_to_grid=torch.from_numpy(world_to_grid), world_to_enc=torch.from_numpy(world_to_enc),
         c2w=torch.from_numpy(c2w_enc), intrinsics=torch.from_numpy(
             np.asarray(intrinsics, dtype=np.float64)), meta=meta)
@@ -573,14 +803,14 @@ class LatentStage(Stage):
         weights_file = encoder_weights_file(cfg.latent.weights, cfg.latent.encoder,
                                             cfg.latent.shuffle_orders)
         weights = None if weights_file is None else _file_identity(weights_file)
-        return content_key(*(b"" if a is None else np.ascontiguousarray(a).tobytes()
+        return content_key(*(b"" if a is None else memoryview(np.ascontiguousarray(a)).cast("B")
                              for a in arrays), sources,
                            asdict(cfg.points), asdict(cfg.latent), weights,
                            cfg.points.scale_mode(cfg.model.name),
                            resolve_device(cfg.device, ctx.job.num).type, __version__)
 
     def run(self, ctx) -> None:
-        from vggt4d.points import scene_points
+        from vggt4d.points import ClipPoints
         from vggt4d.resources import resolve_device
 
         cfg = ctx.cfg
@@ -594,7 +824,7 @@ class LatentStage(Stage):
             now = time.perf_counter()
             ctx.timings[f"latent.{step}"], last = round(now - last, 3), now
 
-        cloud = scene_points(
+        clip = ClipPoints.measure(
             prediction.depth, prediction.conf, prediction.frames, prediction.intrinsics,
             prediction.extrinsics, points_cfg, points_cfg.scale_mode(cfg.model.name),
             sky=prediction.sky, dynamic_prob=None if masks is None else masks.soft,
@@ -602,17 +832,25 @@ class LatentStage(Stage):
         lap("points")
         encoder = None if settings.encoder == Encoder.none else build_encoder(settings, device)
         lap("encoder_build")
-        latent = scene_latent(cloud, prediction.extrinsics, prediction.intrinsics, settings,
-                              device, encoder, points_cfg.max_per_frame, points_cfg.seed)
-        latent.meta["sources"] = sources
-        lap("tokens")
-        write_latent(ctx.out_dir / OUTPUT, latent, SAVE_DTYPES[settings.save_dtype])
+        with tempfile.TemporaryDirectory(dir=ctx.out_dir, prefix=".latent.") as scratch:
+            # every pixel's token, filled block by block: mapped from a scratch file, so a long
+            # video's (T, H, W) map is written to scene_latent.pt without being held in memory
+            pixel_voxel = np.lib.format.open_memmap(Path(scratch) / "pixel_voxel.npy", "w+",
+                                                    np.int32, prediction.depth.shape)
+            latent = scene_latent_blocks(
+                clip.point_blocks, clip.num_frames, prediction.depth.shape[1:],
+                prediction.extrinsics, prediction.intrinsics, clip.world_to_scene, clip.scale,
+                clip.scale_mode, settings, device, encoder, points_cfg.max_per_frame,
+                points_cfg.seed, pixel_voxel)
+            latent.meta["sources"] = sources
+            lap("tokens")
+            write_latent(ctx.out_dir / OUTPUT, latent, SAVE_DTYPES[settings.save_dtype])
+            pixels_in_tokens = int((pixel_voxel >= 0).sum())
         if settings.ply:
             write_ply(ctx.out_dir / PLY, latent)
         lap("write")
         report = {**latent.meta, "dynamic_tokens": int((latent.aggregates.dynamic > 0.5).sum()),
-                  "pixels_in_tokens": int((latent.pixel_voxel >= 0).sum()),
-                  "device": device.type}
+                  "pixels_in_tokens": pixels_in_tokens, "device": device.type}
         write_json(ctx.out_dir / REPORT, report)
         log.info("latent: %d tokens x %d channels from %d points (%s encoder)",
                  report["tokens"], report["channels"], report["points"], report["encoder"])

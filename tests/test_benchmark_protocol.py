@@ -371,3 +371,18 @@ def test_nan_depth_and_math_are_consistent():
     gt[0, 0, 0] = 2.0
     out = depth_metrics(np.full((1, 2, 2), 4.0), gt)
     assert out["pixels"] == 1 and out["scale"] == 0.5 and math.isclose(out["abs_rel"], 0.0)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["root=/tmp"], "give table=..."),
+    (["table=nope", "root=/tmp"], "unknown table 'nope': choose one of bonn_depth"),
+    (["table=sintel_depth", "root=/no/such/folder"], "root=/no/such/folder: no such directory"),
+    (["table=sintel_depth", "root=/tmp", "eval.depth_cap=-1"], "eval.depth_cap=-1.0 must be"),
+    (["table=sintel_depth", "root=/tmp", "eval.depth_alignment=mean"], "eval.depth_alignment"),
+])
+def test_benchmark_command_refuses_bad_input_with_one_line(argv, needle, capsys):
+    from vggt4d.benchmark import cli
+
+    assert cli.main(argv) == cli.EXIT_USER_ERROR
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], errors

@@ -152,9 +152,8 @@ def plan(table: str, root: str, user_overrides: list[str], *, out: str | None = 
     from vggt4d.config import validate
     from vggt4d.sweeps import quiet
 
-    names = table_names()
-    if table not in names:
-        raise UserError(f"unknown table {table!r}: choose one of {', '.join(names)}")
+    if table not in table_names():
+        raise UserError(f"unknown table {table!r}: choose one of {', '.join(table_names())}")
     root_path = Path(root).expanduser().absolute()
     if not root_path.is_dir():
         raise UserError(f"root={root}: no such directory (the dataset's folder, README.md "

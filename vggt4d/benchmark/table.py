@@ -204,7 +204,7 @@ def markdown(table: dict) -> str:
     average_row = table["average"]
     lines.append(f"| **average** ({average_row['sequences']}) | | "
                  + " | ".join(f"**{c.show(average_row.get(c.key))}**" for c in columns) + " |")
-    lines += ["", "Failed sequences: " + ("none." if not failed else "")]
+    lines += ["", "Failed sequences (not averaged):" if failed else "Failed sequences: none."]
     lines += [f"- `{item['sequence']}`: {item['error']}" for item in failed]
     lines += ["", "## Beside the published numbers", "",
               "| method | " + " | ".join(c.heading for c in columns) + " | source |",

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vggt4d.datasets import dataset_reader, davis, kitti, options_of, sintel, tum
@@ -70,20 +69,8 @@ def _tum_frames(root: Path | str, name: str, dataset: str,
                 max_difference: float = tum.MAX_DIFFERENCE, **_: Any) -> list[Path]:
     """RGB frames that every stream in ``associate_with`` matched (``rgb.txt``, ``depth.txt``,
     ``groundtruth.txt`` timestamps, :func:`vggt4d.datasets.tum.associate`)."""
-    prefix = tum.BONN_PREFIX if dataset == "bonn" else tum.TUM_PREFIX
-    folder = tum.resolve_folder(root, name, prefix, dataset)
-    rgb_stamps, rgb_rows, _ = tum.read_text_table(folder / "rgb.txt", 2, "RGB list")
-    kept = np.ones(len(rgb_stamps), dtype=bool)
-    for stream in associate_with:
-        if stream not in tum.STREAMS:
-            raise UserError(f"associate_with={list(associate_with)}: {stream!r} is not one of "
-                            f"{', '.join(tum.STREAMS)}")
-        stamps = (tum.read_text_table(folder / "depth.txt", 2, "depth list")[0]
-                  if stream == "depth" else tum.read_trajectory(folder / "groundtruth.txt")[0])
-        matched = np.zeros(len(rgb_stamps), dtype=bool)
-        matched[tum.associate(rgb_stamps, stamps, max_difference)[:, 0]] = True
-        kept &= matched
-    return [folder / rgb_rows[i][0] for i in np.flatnonzero(kept)]
+    found = tum.associate_streams(root, name, dataset, associate_with, max_difference)
+    return [found.folder / found.rgb_rows[i][0] for i in found.kept]
 
 
 def _frame_list(dataset: str, root: Path | str, name: str, options: dict) -> list[Path]:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy.spatial.transform import Rotation
@@ -186,13 +186,25 @@ def _intrinsics(folder: Path, dataset: str, intrinsics: list[float] | None
     return TUM_INTRINSICS[match[1]] if match else None
 
 
-def read_sequence(root: Path | str, name: str, *, dataset: str = "tum", start: int = 0,
-                  stop: int | None = None, stride: int = 1, max_frames: int | None = None,
-                  associate_with: tuple[str, ...] | list[str] = STREAMS,
-                  max_difference: float = MAX_DIFFERENCE,
-                  intrinsics: list[float] | None = None) -> Sequence:
-    """RGB frames of a TUM / Bonn sequence with the streams in ``associate_with`` (``depth``,
-    ``pose``; the others are ``None``), associated as in the module docstring."""
+class Association(NamedTuple):
+    """The RGB frames of a sequence folder that every asked-for stream matched."""
+
+    folder: Path
+    rgb_stamps: np.ndarray
+    rgb_rows: list
+    tables: dict[str, tuple[np.ndarray, Any]]
+    """stream → (timestamps, rows or camera-to-world poses)."""
+    partner: dict[str, np.ndarray]
+    """stream → index of each RGB frame's match, or −1."""
+    kept: np.ndarray
+    """Indices of the RGB frames matched by every stream."""
+
+
+def associate_streams(root: Path | str, name: str, dataset: str,
+                      associate_with: tuple[str, ...] | list[str] = STREAMS,
+                      max_difference: float = MAX_DIFFERENCE) -> Association:
+    """Read the sequence's text files and associate RGB with ``associate_with`` (module
+    docstring); only the RGB list and the asked-for streams are read."""
     streams = tuple(associate_with)
     unknown = [stream for stream in streams if stream not in STREAMS]
     if unknown:
@@ -202,12 +214,12 @@ def read_sequence(root: Path | str, name: str, *, dataset: str = "tum", start: i
                             dataset)
     rgb_stamps, rgb_rows, _ = read_text_table(folder / "rgb.txt", 2, "RGB list")
     kept = np.arange(len(rgb_stamps))
-    tables: dict[str, tuple[np.ndarray, Any]] = {}  # stream → (timestamps, rows or poses)
+    tables: dict[str, tuple[np.ndarray, Any]] = {}
     if "depth" in streams:
         tables["depth"] = read_text_table(folder / "depth.txt", 2, "depth list")[:2]
     if "pose" in streams:
         tables["pose"] = read_trajectory(folder / "groundtruth.txt")
-    partner: dict[str, np.ndarray] = {}  # stream → index of each RGB frame's match, or -1
+    partner: dict[str, np.ndarray] = {}
     for stream, (stamps, _) in tables.items():
         pairs = associate(rgb_stamps, stamps, max_difference)
         lookup = np.full(len(rgb_stamps), -1)
@@ -217,6 +229,19 @@ def read_sequence(root: Path | str, name: str, *, dataset: str = "tum", start: i
     if len(kept) == 0:
         raise UserError(f"{folder}: no RGB frame has a {' and '.join(streams)} entry within "
                         f"{max_difference} s")
+    return Association(folder, rgb_stamps, rgb_rows, tables, partner, kept)
+
+
+def read_sequence(root: Path | str, name: str, *, dataset: str = "tum", start: int = 0,
+                  stop: int | None = None, stride: int = 1, max_frames: int | None = None,
+                  associate_with: tuple[str, ...] | list[str] = STREAMS,
+                  max_difference: float = MAX_DIFFERENCE,
+                  intrinsics: list[float] | None = None) -> Sequence:
+    """RGB frames of a TUM / Bonn sequence with the streams in ``associate_with`` (``depth``,
+    ``pose``; the others are ``None``), associated as in the module docstring."""
+    found = associate_streams(root, name, dataset, associate_with, max_difference)
+    folder, rgb_stamps, rgb_rows = found.folder, found.rgb_stamps, found.rgb_rows
+    tables, partner, kept = found.tables, found.partner, found.kept
     indices = select_indices(len(kept), start, stop, stride, max_frames,
                              what=f"{dataset} sequence {name} after association")
     chosen = kept[indices]

@@ -10,6 +10,7 @@ Real faults (tmpfs, read-only bind mounts) where ``mount`` is permitted; the sim
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import subprocess
@@ -147,6 +148,32 @@ def test_an_output_write_failure_after_results_keeps_them_and_ends_run_log(tmp_p
     assert not temporary_files(job)
     last = (job / "run.log").read_text().strip().splitlines()[-1]
     assert "ERROR" in last and line.removeprefix("error: ") in last
+
+
+def test_a_job_log_that_cannot_be_written_is_one_warning_not_a_traceback_per_record(
+        tmp_path, capsys):
+    """Hydra's run.log on a full disk: the first failed record warns once on the console."""
+    from vggt4d.run import report_log_write_failures
+
+    class FullDisk(io.StringIO):
+        def flush(self) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    handler = logging.FileHandler(tmp_path / "run.log")
+    handler.setStream(FullDisk()).close()  # the log file's writes now fail as on a full disk
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        report_log_write_failures()
+        for number in range(3):
+            root.error("record %d", number)
+    finally:
+        root.removeHandler(handler)
+        handler.stream = None
+        handler.close()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Logging error" not in err
+    assert err.count(f"warning: cannot write {tmp_path / 'run.log'}: the disk is full") == 1
 
 
 # --------------------------------------------------------------------------------------------

@@ -92,16 +92,29 @@ def test_a_misspelt_choice_is_refused_at_compose_time_listing_the_choices(
         assert choice.name in message, (key, choice.name, message)
 
 
-def test_the_runner_refuses_a_misspelt_choice_before_anything_is_built(tmp_path):
-    allowed = ", ".join(choice.name for choice in typing.get_type_hints(MasksConfig)["binarize"])
+@pytest.mark.parametrize("case", ["misspelt_choice", "misspelt_group_option", "bad_syntax"])
+def test_the_runner_refuses_a_composition_error_in_one_line_before_anything_is_built(
+        tmp_path, case):
+    binarize = ", ".join(c.name for c in typing.get_type_hints(MasksConfig)["binarize"])
+    override, needle = {
+        "misspelt_choice": ("masks.binarize=otsuu", "error: Error merging override "
+                            f"masks.binarize=otsuu: Invalid value 'otsuu', expected one of "
+                            f"[{binarize}]"),
+        "misspelt_group_option": ("data=imagez", "error: In 'config': Could not find "
+                                  "'data/imagez' (options: "),
+        "bad_syntax": ("bands.deep=[5,", "error: cannot parse override 'bands.deep=[5,': "),
+    }[case]
     result = subprocess.run(
-        [sys.executable, "-m", "vggt4d.run", "masks.binarize=otsuu",
-         f"hydra.run.dir={tmp_path / 'job'}", f"cache_dir={tmp_path / 'cache'}"],
+        [sys.executable, "-m", "vggt4d.run", override, f"hydra.run.dir={tmp_path / 'job'}",
+         f"cache_dir={tmp_path / 'cache'}"],
         cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
         timeout=120)
     output = result.stdout + result.stderr
-    assert result.returncode != 0 and "Traceback" not in output
-    assert f"Invalid value 'otsuu', expected one of [{allowed}]" in output
+    assert result.returncode == 2 and "Traceback" not in output, output
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
+    assert result.stderr.startswith(needle), output
+    if case == "misspelt_group_option":
+        assert all(f" {group}" in output for group in DATA_GROUPS)
     assert "predict" not in output and "DA3 blocks" not in output
     assert not (tmp_path / "job").exists() and not (tmp_path / "cache").exists()
 

@@ -25,7 +25,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 
 from vggt4d.cache import Cache
 from vggt4d.config import validate
@@ -44,7 +43,7 @@ from vggt4d.predict import PredictStage
 from vggt4d.refine import RefineStage
 from vggt4d.second_pass import SecondPassStage
 from vggt4d.stage import Stage
-from vggt4d.sweeps import JobFailure
+from vggt4d.sweeps import JobFailure, one_line
 from vggt4d.temporal import TemporalStage
 from vggt4d.tracking import TrackingStage, wait_for_logging
 
@@ -210,8 +209,9 @@ def cli() -> None:
     printed as one ``error:`` line with exit status 2 instead of a traceback.
 
     Hydra hands exceptions to its caller only under ``HYDRA_FULL_ERROR``, so it is set for the
-    call; composition errors are then printed as Hydra prints them (exit status 1) and any other
-    exception keeps its full traceback. A user who sets ``HYDRA_FULL_ERROR`` gets every traceback.
+    call; a composition error (a misspelt choice, a missing option) becomes one ``error:`` line
+    too, with the allowed values, and any other exception keeps its full traceback. A user who
+    sets ``HYDRA_FULL_ERROR`` gets every traceback.
     """
     if os.environ.get("HYDRA_FULL_ERROR"):
         main()
@@ -220,10 +220,11 @@ def cli() -> None:
     try:
         main()
     except CompactHydraException as err:
-        print(err, file=sys.stderr)
-        if isinstance(err.__cause__, OmegaConfBaseException):
-            print(err.__cause__, file=sys.stderr)
-        sys.exit(1)
+        options = [o for o in getattr(err, "options", None) or () if not o.endswith("_schema")]
+        listed = f" (options: {', '.join(options)})" if options else ""
+        where = f"cannot parse override '{err.override}': " if hasattr(err, "override") else ""
+        print(f"error: {where}{one_line(err)}{listed}", file=sys.stderr)
+        sys.exit(2)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

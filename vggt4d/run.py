@@ -107,7 +107,7 @@ def _log_write_failure(handler: logging.FileHandler) -> Callable[[logging.LogRec
 
 def run_job(cfg: DictConfig, out_dir: Path, job: JobInfo | None = None) -> Context:
     """Validate ``cfg`` and run its pipeline into ``out_dir``; the seconds each stage took go
-    to ``timings.json`` (the one result file that differs between identical runs)."""
+    to ``timings.json`` (with scene.rrd, the result files that differ between identical runs)."""
     run = validate(cfg)
     cache = Cache(Path(run.cache_dir).expanduser().absolute())
     ctx = Context(run, out_dir, cache, job=job or JobInfo())

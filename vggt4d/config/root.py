@@ -84,8 +84,7 @@ class Dtype(StrEnum):
 
 
 DEFAULT_PIPELINE = [StageName.predict, StageName.gram, StageName.maps, StageName.masks,
-                    StageName.viz, StageName.eval, StageName.latent, StageName.export,
-                    StageName.log]
+                    StageName.viz, StageName.eval, StageName.latent, StageName.log]
 
 
 @dataclass

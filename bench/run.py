@@ -235,8 +235,16 @@ def encoder() -> None:
     write_result("encoder", encoder_forward())
 
 
+def long_video() -> None:
+    """Chunked pipeline at 64, 256 and 1,024 frames (:mod:`bench.long_video`): peak memory and
+    time per frame, ratios to the 64-frame case."""
+    from bench.long_video import benchmark
+
+    write_result("long_video", benchmark())
+
+
 BENCHMARKS = {"hook": hook_overhead, "gram": gram_engines, "sweep": band_sweep,
-              "gridsample": gridsample, "encoder": encoder}
+              "gridsample": gridsample, "encoder": encoder, "long_video": long_video}
 
 
 def main() -> None:

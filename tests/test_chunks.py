@@ -1,16 +1,20 @@
 """Chunk plans checked by brute force over many clip, chunk and overlap lengths; window
 assignments against explicit containment loops; the automatic chunk length against a linear
-scan."""
+scan; per-frame tap rows gathered from their owners."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from vggt4d.chunks import (
+    ChunkStep,
+    FrameRows,
     auto_chunk_length,
     forward_bytes,
     plan_chunks,
+    resolve_plan,
     window_chunks,
 )
 from vggt4d.errors import UserError
@@ -150,3 +154,33 @@ def test_auto_chunk_length_grows_with_the_limit_on_the_forward_estimate():
         assert estimate(n) <= limit and (n == 2000 or estimate(n + 1) > limit)
         lengths.append(n)
     assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
+
+
+def test_frame_rows_take_each_frame_from_its_owner():
+    """Per-frame results of every chunk's forward (rows tagged with their clip frame and
+    chunk), gathered: frame f's row is the one its owner computed."""
+    plan = plan_chunks(23, 8, 3)
+    rows = FrameRows()
+    for index, (start, stop) in enumerate(plan.ranges):
+        rows.start(ChunkStep(plan, index))
+        rows.put(torch.tensor([[f, index] for f in range(start, stop)]))
+    assert rows.value[:, 0].tolist() == list(range(23))
+    assert rows.value[:, 1].tolist() == plan.owner.tolist()
+    unchunked = FrameRows()
+    unchunked.put(np.arange(5))
+    assert unchunked.value.tolist() == list(range(5))
+
+
+def test_resolve_plan_splits_only_what_does_not_fit():
+    def estimate(n: int) -> int:
+        return 3 * GIB + n * GIB // 10
+
+    assert resolve_plan(40, 0, 12, False, estimate, 10 * GIB) is None  # chunks off
+    assert resolve_plan(40, 64, 12, False, estimate, 10 * GIB) is None  # the clip fits one
+    assert resolve_plan(100, 32, 12, False, estimate, GIB).chunk == 32  # length as given
+    auto = resolve_plan(500, 0, 12, True, estimate, 10 * GIB)
+    assert auto.chunk == 70 and estimate(70) <= 10 * GIB < estimate(71)
+    assert resolve_plan(500, 50, 12, True, estimate, 10 * GIB).chunk == 50  # capped
+    assert resolve_plan(60, 0, 12, True, estimate, 10 * GIB) is None  # all 60 fit
+    with pytest.raises(UserError, match="even a chunk of 13 frames"):
+        resolve_plan(500, 0, 12, True, estimate, 4 * GIB)  # overlap + 1 frames do not fit

@@ -28,6 +28,7 @@ from vggt4d.align import Sim3, transform_extrinsics
 from vggt4d.cameras import camera_centres
 from vggt4d.chunks import ChunkedTap, plan_chunks, window_chunks
 from vggt4d.config.gram import GramConfig
+from vggt4d.errors import UserError
 from vggt4d.gram import GramCollector, dense_statistics, group_heads, similarity_factor
 from vggt4d.io import write_npz
 from vggt4d.predict import (
@@ -446,3 +447,83 @@ def test_token_builder_memory_does_not_grow_with_the_clip():
     points = 192 * height * width
     assert growth[192] < growth[48] + 16 * MIB, growth
     assert growth[192] < 48 * points / 3, (growth, points)  # ~48 B per point held at once
+
+
+# ------------------------------------------------------------------------------------------
+# settings: refused before DA3 runs, the automatic length
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["chunk.length=1"], "chunk.length=1 must be 0"),
+    (["chunk.length=8", "chunk.overlap=8"], "must be below chunk.length=8"),
+    (["chunk.length=20", "chunk.overlap=6", "gram.window=offsets"],
+     "set the overlap to at least 12"),
+    (["chunk.length=20", "gram.engine=chunked"], "use gram.engine=moments"),
+    (["chunk.length=20", "model=da3mono-large", "pipeline=[predict]"],
+     "which da3mono-large does not predict"),
+])
+def test_bad_chunk_settings_are_refused_before_da3_runs(tmp_path, monkeypatch, overrides,
+                                                        message):
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("the network was built before the settings were checked")
+
+    monkeypatch.setattr(predict_module, "prepare_network", no_model)
+    with pytest.raises(UserError, match=message):
+        compose_run(tmp_path, "job", "model.weights=random", "data.num_frames=40",
+                    "pipeline=[predict,gram]", *overrides)
+
+
+def test_auto_takes_the_longest_chunk_the_memory_limit_allows():
+    """chunk.auto: the plan's chunk against a scan of the forward estimate."""
+    from types import SimpleNamespace
+
+    from vggt4d.chunks import forward_bytes
+    from vggt4d.config import validate
+    from vggt4d.model import build_network, depth_table, head_features, parameter_count
+    from vggt4d.pipeline import JobInfo
+    from vggt4d.predict import chunk_plan
+
+    empty = build_network("da3-small", empty=True)
+    estimate = forward_bytes(num_params=parameter_count(empty), height=378, width=504,
+                             embed_dim=depth_table(empty, "")["embed_dim"],
+                             head_features=head_features("da3-small"), dtype=torch.float32)
+    for limit_gb, cap in ((3.0, 0), (6.0, 0), (6.0, 40)):
+        with initialize_config_module("conf", version_base="1.3"):
+            cfg = compose("config", overrides=[
+                "chunk.auto=true", f"chunk.length={cap}", f"memory_limit_gb={limit_gb}"])
+        ctx = SimpleNamespace(cfg=validate(cfg), job=JobInfo())
+        plan = chunk_plan(ctx, 400, (378, 504))
+        longest = max(n for n in range(13, 401) if estimate(n) <= limit_gb * 2**30)
+        assert plan.chunk == (min(longest, cap) if cap else longest), (limit_gb, cap)
+        assert plan.ranges[-1][1] == 400 and plan.overlap == 12
+
+
+def test_kmeans_features_over_chunks_come_from_each_frames_owner(tmp_path):
+    """The masks stage's k-means features (a token tap; the last block, a global one): frame
+    f's rows are those of a forward over the chunk that owns it."""
+    from vggt4d.io import read_safetensors, safetensors_metadata
+    from vggt4d.model import build_network
+
+    compose_run(tmp_path, "job", *RANDOM, "data.num_frames=20", "data.width=70",
+                "data.height=56", "process_res=70", "pipeline=[predict,gram,maps,masks]",
+                "masks.kmeans=true", "masks.kmeans_features=last_block", "chunk.length=8",
+                "chunk.overlap=3")
+    path = tmp_path / "job" / "patch_features.safetensors"
+    features, block = read_safetensors(path)["features"], safetensors_metadata(path)["block"]
+    torch.manual_seed(0)  # the job's seed: the same random weights
+    net = build_network("da3-small")
+    frames = render_scene(SyntheticConfig(num_frames=20, width=70, height=56)).frames
+    plan = plan_chunks(20, 8, 3)
+    assert features.shape[:3] == (20, 4, 5)
+    for index, (start, stop) in enumerate(plan.ranges):
+        kept = {}
+
+        def keep(tokens, kept=kept) -> None:
+            kept["rows"] = tokens.tokens_out[:, 1:].unflatten(1, (4, 5)).half()
+
+        run_forward(net, frames[start:stop], device=CPU, dtype=torch.float32, on_tokens=keep,
+                    token_layers=[block], progress=False)
+        owned = plan.owned_frames(index)
+        torch.testing.assert_close(features[owned.start:owned.stop],
+                                   kept["rows"][owned.start - start:owned.stop - start])

@@ -178,14 +178,15 @@ def forward_bytes(*, captured_bytes_per_frame: int = 0, **network) -> Callable[[
     return estimate
 
 
-def resolve_plan(num_frames: int, length: int, overlap: int, auto: bool,
-                 estimate_fn: Callable[[int], int], limit_bytes: int,
+def resolve_plan(num_frames: int, length: int, overlap: int, auto: bool = False,
+                 estimate_fn: Callable[[int], int] | None = None, limit_bytes: int = 0,
                  minimum: int = 2) -> ChunkPlan | None:
     """The chunk plan of a clip of ``num_frames`` frames, or None when it is one forward.
 
     ``length`` frames per chunk (0: no chunks); with ``auto`` the longest chunk
     :func:`auto_chunk_length` allows under ``limit_bytes`` (capped by ``length`` when > 0), at
-    least ``max(minimum, overlap + 1)`` frames. A clip no longer than the chunk is one forward.
+    least ``max(minimum, overlap + 1)`` frames (``estimate_fn``: bytes of a forward over
+    ``n`` frames). A clip no longer than the chunk is one forward.
     """
     if auto:
         cap = min(length, num_frames) if length else num_frames

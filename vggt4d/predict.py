@@ -460,8 +460,7 @@ def predict_chunks(net: nn.Module, frames: np.ndarray, plan: ChunkPlan, path: Pa
     ``exclude`` (T, H, W) bool leaves pixels (dynamic ones) out of the alignment.
     """
     sweeps = max([1, *(tap.sweeps for tap in taps)])
-    forwards = len(plan) + sum(len(plan) for sweep in range(1, sweeps)
-                               if any(tap.sweeps > sweep for tap in taps))
+    forwards = sweeps * len(plan)
     overlaps: list[dict] = []
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(tqdm(total=forwards, desc="DA3 chunks", unit="forward",
@@ -470,8 +469,6 @@ def predict_chunks(net: nn.Module, frames: np.ndarray, plan: ChunkPlan, path: Pa
         previous: _Shared | None = None
         for sweep in range(sweeps):
             active = [tap for tap in taps if tap.sweeps > sweep]
-            if sweep and not active:
-                break
             consumers = tap_consumers(
                 active, stop_after=max(consumers_layers(active)) if sweep else None)
             for index, (start, stop) in enumerate(plan.ranges):
@@ -587,12 +584,10 @@ def chunk_plan(ctx, num_frames: int, size: tuple[int, int]) -> ChunkPlan | None:
     if not settings.enabled:
         return None
     device, dtype = job_device(ctx)
-
-    def estimate(frames: int) -> int:
-        return forward_estimate(ctx.cfg.model, size, dtype)(frames)
-
-    return resolve_plan(num_frames, settings.length, settings.overlap, settings.auto,
-                        functools.cache(estimate), memory_limit(ctx, device))
+    if not settings.auto:
+        return resolve_plan(num_frames, settings.length, settings.overlap)
+    return resolve_plan(num_frames, settings.length, settings.overlap, True,
+                        forward_estimate(ctx.cfg.model, size, dtype), memory_limit(ctx, device))
 
 
 def align_settings(ctx) -> AlignSettings:

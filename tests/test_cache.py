@@ -327,7 +327,9 @@ def test_two_independent_runs_write_byte_identical_results(tmp_path):
     from tests.test_export_recording import read_recording
 
     overrides = ["model=da3-small", "model.weights=random", "process_res=42", "logger=none",
-                 "data.num_frames=2", "latent.encoder=tiny", "latent.weights=random", "seed=3"]
+                 "data.num_frames=2", "latent.encoder=tiny", "latent.weights=random", "seed=3",
+                 "pipeline=[predict,gram,maps,masks,viz,eval,latent,export]",
+                 "export.formats=[rerun,tum,colmap,nerfstudio]"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     runs = [subprocess.Popen([sys.executable, "-m", "vggt4d.run",
                               f"hydra.run.dir={tmp_path / name}",

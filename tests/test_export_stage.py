@@ -57,7 +57,8 @@ def masks_of(binary: np.ndarray) -> DynamicMasks:
 
 def test_every_format_lands_where_its_tools_look(tmp_path, scene):
     ctx = export(tmp_path, {"prediction": prediction_of(scene),
-                            "masks": masks_of(scene.dynamic)})
+                            "masks": masks_of(scene.dynamic)},
+                 formats=["rerun", "tum", "colmap", "nerfstudio"])
     assert ctx.artifacts["export"]["files"] == [
         "scene.rrd", "export/images/", "export/masks/", "export/dynamic_masks/",
         "export/sparse/0/", "export/transforms.json", "export/tum/"]

@@ -387,66 +387,111 @@ class SlopeForward:
             grid=(frames.shape[1] // 14, frames.shape[2] // 14))
 
 
-def test_chunk_loop_memory_does_not_grow_with_the_clip(tmp_path, monkeypatch):
+CHUNK_LOOP_SIZE = (210, 280)
+
+
+def chunk_loop_growth(num_frames: int, out: str) -> int:
+    """Peak resident growth of the chunk loop over a ``num_frames`` slope clip (the DA3 forward
+    stood in for), written to ``out``; run in a fresh process so earlier work in the same
+    process cannot shift the allocator's peak."""
+    forward = SlopeForward(*CHUNK_LOOP_SIZE)
+    predict_module.run_forward = forward
+    frames = SlopeForward.clip(num_frames, *CHUNK_LOOP_SIZE)
+    return rss_growth(lambda: predict_chunks(None, frames, plan_chunks(num_frames, 16, 4),
+                                             Path(out), device=CPU, dtype=torch.float32,
+                                             progress=False))
+
+
+def test_chunk_loop_memory_does_not_grow_with_the_clip(tmp_path):
     """4 times the frames (16 instead of 4 chunks): the same peak (mostly the alignment's
     float64 work on ~0.5 M correspondences), where holding the clip's depth and confidence
     would add 68 MiB."""
-    height, width = 210, 280
-    forward = SlopeForward(height, width)
-    monkeypatch.setattr(predict_module, "run_forward", forward)
+    import subprocess
+    import sys
+
     growth, whole = {}, {}
     for num_frames in (48, 192):
-        frames = SlopeForward.clip(num_frames, height, width)
-        plan = plan_chunks(num_frames, 16, 4)
-        growth[num_frames] = rss_growth(lambda frames=frames, plan=plan: predict_chunks(
-            None, frames, plan, tmp_path / f"{len(frames)}.npz", device=CPU,
-            dtype=torch.float32, progress=False))
-        whole[num_frames] = 8 * frames[..., 0].size  # float32 depth and confidence
-        result = Prediction.load(tmp_path / f"{num_frames}.npz")
-        depth, _ = forward.maps(range(num_frames))
+        out = tmp_path / f"{num_frames}.npz"
+        code = ("from tests.test_long_video import chunk_loop_growth; "
+                f"print(chunk_loop_growth({num_frames}, {str(out)!r}))")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              cwd=Path(__file__).parent.parent, timeout=300, check=True)
+        growth[num_frames] = int(done.stdout.split()[-1])
+        whole[num_frames] = 8 * num_frames * CHUNK_LOOP_SIZE[0] * CHUNK_LOOP_SIZE[1]
+        result = Prediction.load(out)
+        depth, _ = SlopeForward(*CHUNK_LOOP_SIZE).maps(range(num_frames))
         np.testing.assert_allclose(result.depth, depth * planted_similarity(0).scale, rtol=1e-4)
     # holding the clip's depth and confidence would add 4 times the 16 MiB allowed
     assert whole[192] - whole[48] > 4 * 16 * MIB
     assert growth[192] < growth[48] + 16 * MIB, growth
 
 
-def slope_tokens(forward: SlopeForward, num_frames: int, pixel_voxel: np.ndarray) -> torch.Tensor:
-    """Voxel coordinates of the slope seen by ``num_frames`` cameras, built block by block
+def slope_inputs(forward: SlopeForward, num_frames: int, height: int, width: int) -> tuple:
+    """Depth, confidence, frames, intrinsics and extrinsics of the slope seen by
+    ``num_frames`` cameras."""
+    depth, extrinsics = forward.maps(range(num_frames))
+    intrinsics = np.repeat(forward.k_mat[None], num_frames, 0)
+    return (depth, np.full_like(depth, 2.0), SlopeForward.clip(num_frames, height, width),
+            intrinsics, extrinsics)
+
+
+def slope_tokens(inputs: tuple, pixel_voxel: np.ndarray) -> torch.Tensor:
+    """Voxel coordinates of the slope from its :func:`slope_inputs`, built block by block
     (every kept pixel's token into ``pixel_voxel``)."""
     from vggt4d.config.latent import LatentConfig
     from vggt4d.config.points import PointsConfig
     from vggt4d.latent import scene_latent_blocks
     from vggt4d.points import ClipPoints
 
-    height, width = pixel_voxel.shape[1:]
-    depth, extrinsics = forward.maps(range(num_frames))
-    intrinsics = np.repeat(forward.k_mat[None], num_frames, 0)
-    clip = ClipPoints.measure(depth, np.full_like(depth, 2.0),
-                              SlopeForward.clip(num_frames, height, width), intrinsics,
-                              extrinsics, PointsConfig(conf_percentile=5.0), "raw",
-                              block_pixels=100_000)
+    depth, conf, frames, intrinsics, extrinsics = inputs
+    num_frames, height, width = depth.shape
+    clip = ClipPoints.measure(depth, conf, frames, intrinsics, extrinsics,
+                              PointsConfig(conf_percentile=5.0), "raw", block_pixels=100_000)
     return scene_latent_blocks(clip.point_blocks, num_frames, (height, width), extrinsics,
                                intrinsics, clip.world_to_scene, 1.0, "raw",
                                LatentConfig(grid_size=0.05, encoder="none"), CPU,
                                pixel_voxel=pixel_voxel).coord
 
 
-def test_token_builder_memory_does_not_grow_with_the_clip():
+TOKEN_SIZE = (105, 140)
+
+
+def token_builder_growth(num_frames: int, out: str) -> int:
+    """Peak resident growth of building the slope's tokens over ``num_frames`` frames (voxel
+    coordinates saved to ``out``), in a fresh process like :func:`chunk_loop_growth`."""
+    forward = SlopeForward(*TOKEN_SIZE)
+    slope_tokens(slope_inputs(forward, 2, *TOKEN_SIZE),  # imports and first-use buffers
+                 np.full((2, *TOKEN_SIZE), -1, np.int32))
+    inputs = slope_inputs(forward, num_frames, *TOKEN_SIZE)
+    pixel_voxel = np.full((num_frames, *TOKEN_SIZE), -1, np.int32)  # the output, made first
+    tokens = {}
+    growth = rss_growth(lambda: tokens.setdefault("coord", slope_tokens(inputs, pixel_voxel)))
+    assert (pixel_voxel >= 0).all()  # the slope is fully kept (constant confidence)
+    torch.save(tokens["coord"], out)
+    return growth
+
+
+def test_token_builder_memory_does_not_grow_with_the_clip(tmp_path):
     """A static surface seen again and again: the same voxels and the same peak whatever the
     number of frames, far below the points of the whole clip (inputs and the pixel map, the
     output, allocated beforehand)."""
-    height, width = 105, 140
-    forward = SlopeForward(height, width)
+    import subprocess
+    import sys
+
     growth, tokens = {}, {}
-    for num_frames in (48, 192):
-        pixel_voxel = np.empty((num_frames, height, width), np.int32)
-        growth[num_frames] = rss_growth(lambda n=num_frames, out=pixel_voxel: tokens.__setitem__(
-            n, slope_tokens(forward, n, out)))
-        assert (pixel_voxel >= 0).all()  # the slope is fully kept (constant confidence)
-    assert torch.equal(tokens[48], tokens[192])  # every 24 frames the cameras come back
-    points = 192 * height * width
-    assert growth[192] < growth[48] + 16 * MIB, growth
-    assert growth[192] < 48 * points / 3, (growth, points)  # ~48 B per point held at once
+    for num_frames in (48, 384):
+        out = tmp_path / f"{num_frames}.pt"
+        code = ("from tests.test_long_video import token_builder_growth; "
+                f"print(token_builder_growth({num_frames}, {str(out)!r}))")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              cwd=Path(__file__).parent.parent, timeout=300, check=True)
+        growth[num_frames] = int(done.stdout.split()[-1])
+        tokens[num_frames] = torch.load(out)
+    assert torch.equal(tokens[48], tokens[384])  # every 24 frames the cameras come back
+    height, width = TOKEN_SIZE
+    points = 384 * height * width
+    assert growth[384] < growth[48] + 16 * MIB, growth
+    assert growth[384] < 48 * points / 3, (growth, points)  # ~48 B per point held at once
 
 
 # ------------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def test_full_pipeline_writes_every_output_and_band_sweeps_reuse_the_forward(tmp
                     "masks.binarize=threshold", "viz.videos=false", job="swept")
     assert swept.returncode == 0, swept.stderr
     assert "predict: reused cached result" in swept.stdout
-    assert "DA3 blocks" not in swept.stderr
+    assert "predict: da3-small" not in swept.stdout + swept.stderr  # DA3 not built again
 
 
 def test_kmeans_guided_temporal_and_exact_bands_run_through(tmp_path):
@@ -198,7 +198,7 @@ def test_a_bad_encoder_checkpoint_is_refused_before_da3_runs(tmp_path):
     result = run_cli(tmp_path, *[o for o in FAST if not o.startswith("latent.")],
                      "latent.encoder=tiny", f"latent.weights={path}")
     assert_user_error(result, "missing keys enc.enc2.block0.attn.qkv.weight", tmp_path / "job")
-    assert "DA3 blocks" not in result.stderr  # refused before the forward
+    assert "predict: da3-small" not in result.stdout + result.stderr  # refused before DA3 built
 
 
 def test_an_error_after_results_keeps_them_and_ends_the_log(tmp_path):

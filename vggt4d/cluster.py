@@ -184,18 +184,15 @@ def job_needs(run: object) -> JobNeeds:
     import torch
 
     from vggt4d.frames import probe_clip
-    from vggt4d.model import build_network, depth_table, head_features, parameter_count
+    from vggt4d.model import memory_arguments
     from vggt4d.resources import DTYPE_OF, RUNTIME_OVERHEAD_BYTES, estimate_forward_memory
 
     device, frames = str(run.device), forward_frames(run)
     if frames is None:
         return JobNeeds(device, None, None)
     height, width = probe_clip(run.data, run.process_res).size
-    net = build_network(run.model.name, empty=True)
     estimate = estimate_forward_memory(
-        num_params=parameter_count(net), frames=frames, height=height, width=width,
-        embed_dim=depth_table(net, run.model.hooked_network)["embed_dim"],
-        head_features=head_features(run.model.name),
+        **memory_arguments(run.model), frames=frames, height=height, width=width,
         dtype=DTYPE_OF.get(str(run.dtype), torch.float32))
     cpu = estimate.total
     if run.memory_limit_gb:

@@ -184,3 +184,12 @@ def head_features(name: str) -> int:
 
     config = OmegaConf.to_container(load_config(MODEL_REGISTRY[name]), resolve=True)
     return max(widths(config))
+
+
+def memory_arguments(model: ModelConfig) -> dict:
+    """The network's part of :func:`vggt4d.resources.estimate_forward_memory`'s arguments
+    (parameter count, width, head features), from the network built on the meta device."""
+    empty = build_network(model.name, empty=True)
+    return {"num_params": parameter_count(empty),
+            "embed_dim": depth_table(empty, model.hooked_network)["embed_dim"],
+            "head_features": head_features(model.name)}

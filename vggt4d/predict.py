@@ -78,10 +78,8 @@ from vggt4d.io import ZIP_EPOCH, atomic_write, write_json, write_npz
 from vggt4d.model import (
     build_network,
     check_depth_table,
-    depth_table,
-    head_features,
     load_weights,
-    parameter_count,
+    memory_arguments,
     resolve_weights,
 )
 from vggt4d.pipeline import forward_taps
@@ -236,10 +234,11 @@ def sky_capture(net: nn.Module):
 
 @contextlib.contextmanager
 def block_progress(net: nn.Module, hooked_network: str, enabled: bool):
-    """A tqdm bar advanced by each backbone block of the hooked network."""
+    """A tqdm bar advanced by each backbone block of the hooked network, on a terminal only (a
+    bar redrawn into a pipe or a log file would run into the next line)."""
     blocks = hooked_backbone(net, hooked_network).pretrained.blocks
-    with tqdm(total=len(blocks), desc="DA3 blocks", unit="block", disable=not enabled,
-              leave=False) as bar:
+    with tqdm(total=len(blocks), desc="DA3 blocks", unit="block",
+              disable=None if enabled else True, leave=False) as bar:
         def advance(*_: object) -> None:
             bar.update(1)
 
@@ -539,18 +538,14 @@ def forward_identity(ctx, frames: np.ndarray, device: torch.device,
     return identity
 
 
-def check_clip_memory(ctx, empty: nn.Module, num_frames: int, size: tuple[int, int],
-                      dtype: torch.dtype, device: torch.device) -> None:
+def check_clip_memory(ctx, num_frames: int, size: tuple[int, int], dtype: torch.dtype,
+                      device: torch.device) -> None:
     """Refuse a forward of ``num_frames`` frames of ``size = (H, W)`` that does not fit the
-    device (or ``memory_limit_gb``), from the estimate alone; ``empty`` is the network built
-    on the meta device."""
+    device (or ``memory_limit_gb``), from the estimate alone."""
     model = ctx.cfg.model
     height, width = size
-    estimate = estimate_forward_memory(
-        num_params=parameter_count(empty), frames=num_frames, height=height, width=width,
-        embed_dim=depth_table(empty, model.hooked_network)["embed_dim"],
-        head_features=head_features(model.name), dtype=dtype,
-    )
+    estimate = estimate_forward_memory(**memory_arguments(model), frames=num_frames,
+                                       height=height, width=width, dtype=dtype)
     check_memory(estimate, memory_limit(ctx, device),
                  f"{model.name} on {num_frames} frames at {width}x{height}")
 
@@ -571,10 +566,7 @@ def _free_bytes(device: str) -> int:
 def forward_estimate(model, size: tuple[int, int], dtype: torch.dtype) -> Callable[[int], int]:
     """``frames ↦`` bytes of one forward of ``model`` at ``size = (H, W)``
     (:func:`vggt4d.resources.estimate_forward_memory`)."""
-    empty = build_network(model.name, empty=True)
-    return forward_bytes(num_params=parameter_count(empty), height=size[0], width=size[1],
-                         embed_dim=depth_table(empty, model.hooked_network)["embed_dim"],
-                         head_features=head_features(model.name), dtype=dtype)
+    return forward_bytes(**memory_arguments(model), height=size[0], width=size[1], dtype=dtype)
 
 
 def chunk_plan(ctx, num_frames: int, size: tuple[int, int]) -> ChunkPlan | None:
@@ -618,8 +610,7 @@ def prepare_network(ctx, frames: np.ndarray, device: torch.device, dtype: torch.
     network with its weights on ``device``; ``forward_frames``: frames per forward (default
     the whole clip)."""
     model = ctx.cfg.model
-    check_clip_memory(ctx, build_network(model.name, empty=True),
-                      forward_frames or len(frames), frames.shape[1:3], dtype, device)
+    check_clip_memory(ctx, forward_frames or len(frames), frames.shape[1:3], dtype, device)
     weights_path = resolve_weights(model.weights)
     torch.manual_seed(ctx.cfg.seed)
     net = build_network(model.name)
@@ -711,8 +702,8 @@ class PredictStage(Stage):
         plan = chunk_plan(ctx, info.num_frames, info.size)
         if plan is not None:
             check_chunking(ctx, plan, taps)
-        check_clip_memory(ctx, empty, info.num_frames if plan is None else plan.chunk,
-                          info.size, dtype, device)
+        check_clip_memory(ctx, info.num_frames if plan is None else plan.chunk, info.size,
+                          dtype, device)
 
     def outputs(self, ctx) -> tuple[str, ...]:
         """``prediction.npz`` (and ``chunks.json`` when chunked) and the files of the other

@@ -26,7 +26,14 @@ from vggt4d.errors import UserError
 from vggt4d.geometry_metrics import pose_difference
 from vggt4d.hook import PATCH_SIZE, KeyMask
 from vggt4d.io import write_json
-from vggt4d.predict import Prediction, forward_identity, job_device, prepare_network, run_forward
+from vggt4d.predict import (
+    chunk_plan,
+    chunk_report_path,
+    forward_identity,
+    job_device,
+    load_prediction,
+    predict_to_file,
+)
 from vggt4d.stage import Stage
 from vggt4d.viz import colorize, side_by_side, write_png
 
@@ -125,33 +132,35 @@ class SecondPassStage(Stage):
         job_device(ctx)
 
     def outputs(self, ctx) -> tuple[str, ...]:
-        return (OUTPUT,)
+        """``prediction_pass2.npz``, and its chunk report when the clip runs in chunks."""
+        frames = ctx.artifacts["processed_frames"]
+        chunked = chunk_plan(ctx, len(frames), frames.shape[1:3]) is not None
+        return (OUTPUT, chunk_report_path(ctx.out_dir / OUTPUT).name) if chunked else (OUTPUT,)
 
     def cache_key(self, ctx) -> str:
         frames = ctx.artifacts["processed_frames"]
         device, dtype = job_device(ctx)
         drop = patch_mask_of(ctx)
+        # chunk alignment leaves out the masks' pixels: with chunks they matter pixel by pixel
+        chunked = chunk_plan(ctx, len(frames), frames.shape[1:3]) is not None
+        pixels = ctx.artifacts["masks"].binary.tobytes() if chunked else b""
         return content_key(*forward_identity(ctx, frames, device, dtype),
                            hashlib.sha256(drop.numpy().tobytes()).hexdigest(),
-                           config_blocks(ctx))
+                           config_blocks(ctx), pixels)
 
     def run(self, ctx) -> None:
-        frames = ctx.artifacts["processed_frames"]
-        device, dtype = job_device(ctx)
         blocks = config_blocks(ctx)
         key_mask = KeyMask(patch_mask_of(ctx), frozenset(blocks))
         log.info("second pass: dynamic keys/values hidden in blocks %s", blocks)
-        net = prepare_network(ctx, frames, device, dtype, "second pass")
-        prediction = run_forward(net, frames, device=device, dtype=dtype,
-                                 hooked_network=ctx.cfg.model.hooked_network,
-                                 ref_view_strategy=ctx.cfg.model.ref_view_strategy,
-                                 key_mask=key_mask)
-        prediction.save(ctx.out_dir / OUTPUT)
+        # chunks of a long clip are aligned without the dynamic pixels, known by now
+        predict_to_file(ctx, ctx.artifacts["processed_frames"], ctx.out_dir / OUTPUT,
+                        "second pass", key_mask=key_mask,
+                        exclude=ctx.artifacts["masks"].binary)
         self.load(ctx)
 
     def load(self, ctx) -> None:
         first = ctx.artifacts["prediction"]
-        second = Prediction.load(ctx.out_dir / OUTPUT)
+        second = load_prediction(ctx.out_dir / OUTPUT)
         for t in range(len(second.depth)):
             write_png(ctx.out_dir / "depth_compare" / f"frame{t:03d}.png",
                       depth_comparison(first.depth[t], second.depth[t]))

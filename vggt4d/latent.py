@@ -4,9 +4,9 @@ Steps (Concerto's default transform, docs/method.md, applied once to the whole c
 
 1. CenterShift: ``X_enc = X_scene − shift`` with ``shift`` = the bounding box centre in x, y and
    the minimum in z over *all* frames (per-frame shifts would make cross-frame distances
-   meaningless: the seed scripts' defect 7).
+   meaningless: the research scripts' defect 7 in docs/method.md §11).
 2. GridSample (:mod:`vggt4d.gridsample`): ``coord = floor(X_enc / g) − min`` (integer voxel
-   coordinates, the seed scripts' defect 6), keys hashed with ``latent.hash``. With
+   coordinates, the research scripts' defect 6), keys hashed with ``latent.hash``. With
    ``latent.dynamic_voxels`` the dynamic points are keyed by ``(x, y, z, b)`` with time bin
    ``b = 1 + ⌊t / time_bin⌋`` and static ones by ``(x, y, z, 0)``: a moving object's tokens keep
    their time, the background does not grow with the number of frames.

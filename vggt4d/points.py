@@ -1,7 +1,7 @@
 """Scene points: the kept pixels of a DA3 prediction as one coloured, timed 3-D point cloud.
 
 Per pixel ``(t, v, u)`` of the prediction (depth, colour and cameras all at processing size, so
-colour indices are depth indices — the seed scripts' resolution mix-up cannot happen here):
+colour indices are depth indices — the research scripts' resolution mix-up cannot happen here):
 
 * position ``X = C_t + depth · R_t^T K_t^{-1} (u + ½, v + ½, 1)^T`` in DA3's world
   (:func:`vggt4d.cameras.backproject`); the whole clip shares one world, never per-frame shifts;
@@ -16,8 +16,8 @@ colour indices are depth indices — the seed scripts' resolution mix-up cannot 
 
 Filters: finite positive depth, below ``max_depth`` when set; confidence at least the clip's
 ``conf_percentile``-th percentile (DA3's confidence is ``1 + exp(x) ≥ 1``, so fixed thresholds such
-as 0.7 filter nothing: the seed scripts' defect 1); sky probability below ``sky_threshold`` when
-the model has a sky head.
+as 0.7 filter nothing: the research scripts' defect 1, docs/method.md §11); sky probability
+below ``sky_threshold`` when the model has a sky head.
 
 Encoder frame (Concerto/PTv3 expects z up and metres): ``X_e = s · R_up X`` with ``R_up`` the
 rotation by −90° about x, ``(x, y, z) ↦ (x, z, −y)`` (OpenCV's y points down, so −y is up: right

@@ -143,10 +143,11 @@ def register_configs() -> None:
 
 
 def round_process_res(process_res: int) -> int:
-    """Nearest multiple of the patch size (at least one patch); warns when it changes."""
+    """Nearest multiple of the patch size, ties rounded up as the frames' sides are
+    (:func:`vggt4d.frames.processing_size`); at least one patch; warns when it changes."""
     if process_res < PATCH_SIZE:
         raise UserError(f"process_res={process_res} is too small: use at least {PATCH_SIZE}")
-    rounded = max(PATCH_SIZE, round(process_res / PATCH_SIZE) * PATCH_SIZE)
+    rounded = max(PATCH_SIZE, (process_res + PATCH_SIZE // 2) // PATCH_SIZE * PATCH_SIZE)
     if rounded != process_res:
         log.warning("process_res=%d is not a multiple of %d; using %d", process_res,
                     PATCH_SIZE, rounded)

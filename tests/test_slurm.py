@@ -8,6 +8,7 @@ The tests marked ``cluster`` need the cluster that ``make test-slurm`` starts
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import re
@@ -420,3 +421,31 @@ def test_jobs_pending_for_a_reason_that_cannot_clear_are_cancelled_and_named(tmp
                           text=True, check=False).stdout
     assert "PENDING" not in left and "RUNNING" not in left
     assert seconds < 60
+
+
+@cluster
+def test_a_benchmark_tables_sequences_run_as_one_slurm_array(tmp_path):
+    """``python -m vggt4d.benchmark`` with the Slurm launcher on the synthetic scene written in
+    DAVIS's layout: each sequence is a task of one array, the table lists both."""
+    from vggt4d.datasets.export import export_synthetic
+    from vggt4d.synthetic import SyntheticConfig
+
+    manifest = export_synthetic(tmp_path / "data", ["davis2016"],
+                                SyntheticConfig(num_frames=3, width=56, height=42), 2)
+    davis = tmp_path / "data" / manifest["datasets"]["davis2016"]["root"]
+    out = tmp_path / "table"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+           "VGGT4D_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "vggt4d.benchmark", "table=davis2016_masks",
+                           f"root={davis}", f"out={out}", "sequences=all", "model=da3-small",
+                           "model.weights=random", "process_res=56", "logger=none",
+                           "hydra/launcher=slurm"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=170, check=False)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "Slurm request: partition debug" in output
+    table = json.loads((out / "table.json").read_text())
+    names = manifest["datasets"]["davis2016"]["sequences"]
+    assert [row["sequence"] for row in table["sequences"]] == names and table["failed"] == []
+    arrays = {_slurm_job_id(out / "sequences" / name).split("_")[0] for name in names}
+    assert len(arrays) == 1  # one array, a task per sequence

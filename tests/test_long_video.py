@@ -402,21 +402,27 @@ def chunk_loop_growth(num_frames: int, out: str) -> int:
                                              progress=False))
 
 
+def growth_in_fresh_process(measure: str, num_frames: int, out: Path) -> int:
+    """Run this module's ``measure(num_frames, out)`` in a fresh Python (no buffers left by
+    earlier tests in the peak) and return the peak resident growth it prints."""
+    import subprocess
+    import sys
+
+    code = (f"from tests.test_long_video import {measure}; "
+            f"print({measure}({num_frames}, {str(out)!r}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent, timeout=300, check=True)
+    return int(done.stdout.split()[-1])
+
+
 def test_chunk_loop_memory_does_not_grow_with_the_clip(tmp_path):
     """4 times the frames (16 instead of 4 chunks): the same peak (mostly the alignment's
     float64 work on ~0.5 M correspondences), where holding the clip's depth and confidence
     would add 68 MiB."""
-    import subprocess
-    import sys
-
     growth, whole = {}, {}
     for num_frames in (48, 192):
         out = tmp_path / f"{num_frames}.npz"
-        code = ("from tests.test_long_video import chunk_loop_growth; "
-                f"print(chunk_loop_growth({num_frames}, {str(out)!r}))")
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              cwd=Path(__file__).parent.parent, timeout=300, check=True)
-        growth[num_frames] = int(done.stdout.split()[-1])
+        growth[num_frames] = growth_in_fresh_process("chunk_loop_growth", num_frames, out)
         whole[num_frames] = 8 * num_frames * CHUNK_LOOP_SIZE[0] * CHUNK_LOOP_SIZE[1]
         result = Prediction.load(out)
         depth, _ = SlopeForward(*CHUNK_LOOP_SIZE).maps(range(num_frames))
@@ -475,17 +481,10 @@ def test_token_builder_memory_does_not_grow_with_the_clip(tmp_path):
     """A static surface seen again and again: the same voxels and the same peak whatever the
     number of frames, far below the points of the whole clip (inputs and the pixel map, the
     output, allocated beforehand)."""
-    import subprocess
-    import sys
-
     growth, tokens = {}, {}
     for num_frames in (48, 384):
         out = tmp_path / f"{num_frames}.pt"
-        code = ("from tests.test_long_video import token_builder_growth; "
-                f"print(token_builder_growth({num_frames}, {str(out)!r}))")
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              cwd=Path(__file__).parent.parent, timeout=300, check=True)
-        growth[num_frames] = int(done.stdout.split()[-1])
+        growth[num_frames] = growth_in_fresh_process("token_builder_growth", num_frames, out)
         tokens[num_frames] = torch.load(out)
     assert torch.equal(tokens[48], tokens[384])  # every 24 frames the cameras come back
     height, width = TOKEN_SIZE

@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -25,6 +24,7 @@ from PIL import Image
 
 from experiments.sweep_summary import summarize
 from hydra_plugins.vggt4d_plugins.slurm_launcher import executor_parameters
+from tests.clips import write_noise_frames
 from vggt4d.cluster import (
     GIB,
     JobNeeds,
@@ -362,12 +362,7 @@ def test_readme_band_sweep_runs_under_slurm_with_one_da3_run(tmp_path):
 
 @cluster
 def test_a_job_failing_under_slurm_is_named_and_the_other_kept(tmp_path):
-    frames = tmp_path / "frames"
-    frames.mkdir()
-    rng = np.random.default_rng(0)
-    for index in range(3):
-        Image.fromarray((rng.random((60, 80, 3)) * 255).astype(np.uint8)).save(
-            frames / f"f{index}.png")
+    frames = write_noise_frames(tmp_path / "frames", 3, 60, 80)
     missing = tmp_path / "no_such_folder"
     sweep_dir = tmp_path / "sweep"
     code, output, seconds = _slurm_sweep(tmp_path, "data=images", f"data.path={frames},{missing}",

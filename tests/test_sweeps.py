@@ -21,6 +21,7 @@ from PIL import Image
 
 from experiments.sweep_summary import main as summary_main
 from experiments.sweep_summary import summarize
+from tests.clips import write_noise_frames
 from vggt4d.errors import UserError
 from vggt4d.sweeps import JobFailure, failed_jobs, failure_summary, refusals, shared_overrides
 
@@ -128,12 +129,7 @@ def test_one_invalid_value_refuses_the_sweep_before_any_job_runs(tmp_path, launc
 
 
 def test_a_failing_job_under_joblib_is_named_and_the_others_kept(tmp_path):
-    frames = tmp_path / "frames"
-    frames.mkdir()
-    rng = np.random.default_rng(0)
-    for index in range(2):
-        Image.fromarray((rng.random((42, 56, 3)) * 255).astype(np.uint8)).save(
-            frames / f"f{index}.png")
+    frames = write_noise_frames(tmp_path / "frames", 2, 42, 56)
     missing = tmp_path / "missing"
     sweep_dir = tmp_path / "sweep"
     code, output = _run_sweep(tmp_path, "hydra/launcher=local", "cluster.local_jobs=2",

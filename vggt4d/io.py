@@ -75,6 +75,27 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def scratch_array(folder: Path, shape: tuple[int, ...], dtype: np.dtype | type) -> np.memmap:
+    """A zero-filled array backed by a nameless temporary file in ``folder`` (gone once the last
+    view of it is dropped): a long clip's full-resolution maps then live in pages the system
+    can write out, not in the process's anonymous memory. The file's space is reserved at
+    once, so a full disk is one :class:`OutputError` here instead of a crash while writing.
+    """
+    size = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".scratch.") as handle:
+            try:
+                os.posix_fallocate(handle.fileno(), 0, size)
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                handle.truncate(size)  # file systems that cannot reserve space
+            return np.memmap(handle, dtype=dtype, mode="r+", shape=tuple(shape))
+    except OSError as err:
+        raise output_error(folder / ".scratch", err) from None
+
+
 def current_umask() -> int:
     """The process umask (reading it means setting it, so it is set straight back)."""
     mask = os.umask(0)

@@ -23,7 +23,13 @@ from vggt4d.chunks import ChunkedTap, FrameRows
 from vggt4d.config.masks import KMeansFeatures, MasksConfig, Upsample
 from vggt4d.config.model import ModelConfig
 from vggt4d.errors import UserError
-from vggt4d.io import atomic_write, read_safetensors, write_json, write_safetensors
+from vggt4d.io import (
+    atomic_write,
+    read_safetensors,
+    scratch_array,
+    write_json,
+    write_safetensors,
+)
 from vggt4d.stage import ForwardTap, Stage
 
 log = logging.getLogger(__name__)
@@ -33,7 +39,8 @@ FEATURES_FILE = "patch_features.safetensors"
 
 @dataclass
 class DynamicMasks:
-    """``soft`` (T, H, W) float32 and ``binary`` (T, H, W) bool at processing resolution."""
+    """``soft`` (T, H, W) float32 and ``binary`` (T, H, W) bool at processing resolution
+    (from the masks stage: memory-mapped scratch arrays, read a frame or block at a time)."""
 
     soft: np.ndarray
     binary: np.ndarray
@@ -58,14 +65,13 @@ def grey_morphology(soft: np.ndarray, steps: list[str]) -> np.ndarray:
     return soft
 
 
-def soft_masks(dynamic: np.ndarray, frames: np.ndarray, depth: np.ndarray,
-               settings: MasksConfig, features: np.ndarray | None = None) -> np.ndarray:
-    """The masks stage's recipe: patch-level map (T, h, w) → frame-level soft map (T, H, W).
+def patch_steps(dynamic: np.ndarray, settings: MasksConfig,
+                features: np.ndarray | None = None) -> np.ndarray:
+    """The steps on the patch grid, which may mix frames: (T, h, w) → (T, h, w) float32.
 
-    In order, each step as ``settings`` says: k-means smoothing over ``features`` (T, h, w, C)
-    and the per-frame rescale after it; temporal and spatial Gaussians (patch level, before
-    upsampling, where they commute with the bilinear step); bilinear upsampling; grey morphology;
-    the guided filter; grey morphology again.
+    In order, as ``settings`` says: k-means smoothing over ``features`` (T, h, w, C) and the
+    per-frame rescale after it; temporal and spatial Gaussians (before upsampling, where they
+    commute with the bilinear step).
     """
     if settings.kmeans and features is not None:
         dynamic = postprocess.kmeans_smooth(dynamic, features, settings.kmeans_clusters,
@@ -76,13 +82,42 @@ def soft_masks(dynamic: np.ndarray, frames: np.ndarray, depth: np.ndarray,
         dynamic = postprocess.temporal_gaussian(dynamic, settings.temporal_sigma)
     if settings.spatial_sigma > 0:
         dynamic = postprocess.spatial_gaussian(dynamic, settings.spatial_sigma, SPATIAL_TRUNCATE)
-    soft = grey_morphology(postprocess.upsample_bilinear(dynamic, frames.shape[1:3]),
+    return np.asarray(dynamic, dtype=np.float32)
+
+
+def frame_steps(patch: np.ndarray, frames: np.ndarray, depth: np.ndarray,
+                settings: MasksConfig) -> np.ndarray:
+    """The steps at frame resolution, each frame on its own: patch maps (F, h, w) of frames
+    (F, H, W, 3) with depth (F, H, W) → soft maps (F, H, W) float32.
+
+    Bilinear upsampling, grey morphology, the guided filter (box radius a fraction of the
+    longer side), grey morphology again.
+    """
+    soft = grey_morphology(postprocess.upsample_bilinear(patch, frames.shape[1:3]),
                            settings.morph_before)
     if settings.upsample == Upsample.guided:
         radius = max(1, round(settings.guided_radius * max(frames.shape[1:3])))
         guide = postprocess.guide_from_frames(frames, depth, settings.guide)
         soft = postprocess.guided_filter(guide, soft, radius, settings.guided_eps)
     return grey_morphology(soft, settings.morph_after).astype(np.float32)
+
+
+def soft_masks(dynamic: np.ndarray, frames: np.ndarray, depth: np.ndarray,
+               settings: MasksConfig, features: np.ndarray | None = None) -> np.ndarray:
+    """The masks stage's recipe on a whole clip held in memory: patch-level map (T, h, w) →
+    frame-level soft map (T, H, W), :func:`patch_steps` then :func:`frame_steps`."""
+    return frame_steps(patch_steps(dynamic, settings, features), frames, depth, settings)
+
+
+BLOCK_PIXELS = 1 << 22
+"""Frame pixels the masks stage works on at once (4 M: 16 MiB per float32 map)."""
+
+
+def frame_blocks(num_frames: int, frame_pixels: int, block_pixels: int) -> list[slice]:
+    """Consecutive runs of whole frames, each at most ``block_pixels`` pixels (one frame at
+    least), covering frames 0…``num_frames``−1 in order."""
+    step = max(1, block_pixels // max(1, frame_pixels))
+    return [slice(start, min(start + step, num_frames)) for start in range(0, num_frames, step)]
 
 
 def empty_weak_frames(binary: np.ndarray, soft: np.ndarray, below_mean: float,
@@ -146,19 +181,28 @@ class MasksStage(Stage):
                           start_chunk=kept.start)
 
     def run(self, ctx) -> None:
+        """The soft maps and masks are made a block of frames at a time (:func:`frame_blocks`)
+        into memory-mapped scratch arrays (:func:`vggt4d.io.scratch_array`), so a long clip's
+        full-resolution maps are never all in memory."""
         settings = ctx.cfg.masks
         prediction = ctx.artifacts["prediction"]
-        dynamic = ctx.artifacts["maps"].dynamic.numpy()
         features = None
         if settings.kmeans:
             features = read_safetensors(ctx.out_dir / FEATURES_FILE)["features"].float().numpy()
-        soft = soft_masks(dynamic, prediction.frames, prediction.depth, settings, features)
-        binary, thresholds = postprocess.binarize(soft, settings.binarize,
-                                                  threshold=settings.threshold,
-                                                  low=settings.low, high=settings.high)
+        patch = patch_steps(ctx.artifacts["maps"].dynamic.numpy(), settings, features)
+        folder = ctx.out_dir / "masks"
+        shape = (len(patch), *prediction.frames.shape[1:3])
+        blocks = frame_blocks(shape[0], shape[1] * shape[2], BLOCK_PIXELS)
+        soft = scratch_array(folder, shape, np.float32)
+        for block in blocks:
+            soft[block] = frame_steps(patch[block], prediction.frames[block],
+                                      prediction.depth[block], settings)
+        binary = scratch_array(folder, shape, np.bool_)
+        thresholds = postprocess.binarize_in_blocks(
+            soft, settings.binarize, blocks, binary, threshold=settings.threshold,
+            low=settings.low, high=settings.high)
         thresholds["emptied_frames"] = empty_weak_frames(
             binary, soft, settings.empty_below_mean, settings.empty_below_max)
-        folder = ctx.out_dir / "masks"
         for t in range(len(binary)):
             write_mask_png(folder / f"dynamic_{t:04d}.png", binary[t])
             soft_png = Image.fromarray((np.clip(soft[t], 0, 1) * 255).round().astype(np.uint8))

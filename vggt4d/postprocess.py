@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -295,34 +296,68 @@ def adaptive_multi_otsu_details(values: np.ndarray, classes: tuple[int, ...] = (
     "thresholds": list of the chosen n's thresholds, "scores": {n: score}}`` (only the n that
     could be scored appear in ``scores``).
     """
+    return multi_otsu_over_blocks(lambda: [values], classes, bins)
+
+
+def _finite_values(block: np.ndarray) -> np.ndarray:
+    flat = np.asarray(block, dtype=np.float64).ravel()
+    return flat[np.isfinite(flat)]
+
+
+def multi_otsu_over_blocks(blocks: Callable[[], Iterable[np.ndarray]],
+                           classes: tuple[int, ...] = (2, 3, 4), bins: int = 256) -> dict:
+    """:func:`adaptive_multi_otsu_details` of the values of every block ``blocks()`` yields
+    (any shapes; called three times, so a long clip's maps are read a block at a time).
+
+    Pass 1 finds the range, pass 2 the ``bins``-bin histogram over it — the counts and bin
+    centres ``skimage.exposure.histogram`` gives the values as one array (``np.histogram`` bins
+    each value on its own) — which ``threshold_multiotsu(hist=…)`` splits for each n; pass 3
+    sums every class's count and values for the scores. With one block this is exactly the
+    one-array computation; over several, the class sums (float64) differ only by rounding.
+    """
     if not classes or any(int(n) != n or n < 2 for n in classes):
         raise UserError(f"multi-Otsu classes must be integers >= 2, got {classes}")
     if int(bins) != bins or bins < 2:
         raise UserError(f"multi-Otsu bins must be an integer >= 2, got {bins}")
     from skimage.filters import threshold_multiotsu
 
-    flat = np.asarray(values, dtype=np.float64).ravel()
-    flat = flat[np.isfinite(flat)]
     best: dict = {"threshold": math.inf, "classes": None, "thresholds": [], "scores": {}}
-    if flat.size == 0 or flat.min() == flat.max():
+    low, high, size = math.inf, -math.inf, 0
+    for block in blocks():
+        flat = _finite_values(block)
+        if flat.size:
+            low, high, size = min(low, flat.min()), max(high, flat.max()), size + flat.size
+    if size == 0 or low == high:
         return best
-    best_score = -math.inf
+    counts = np.zeros(int(bins), dtype=np.int64)
+    for block in blocks():
+        counts += np.histogram(_finite_values(block), bins=int(bins), range=(low, high))[0]
+    edges = np.histogram_bin_edges(np.array([low, high]), bins=int(bins), range=(low, high))
+    histogram = (counts / np.sum(counts), (edges[:-1] + edges[1:]) / 2.0)
+    splits = {}
     for n in classes:
         try:
-            thresholds = threshold_multiotsu(flat, classes=int(n), nbins=int(bins))
+            splits[int(n)] = threshold_multiotsu(classes=int(n), hist=histogram)
         except ValueError:  # fewer distinct (binned) values than classes
             continue
-        # class j holds t_{j-1} < v <= t_j, consistent with "dynamic = value > threshold"
-        labels = np.digitize(flat, thresholds, right=True)
-        counts = np.bincount(labels, minlength=int(n))
-        if np.any(counts == 0):
+    # class j holds t_{j-1} < v <= t_j, consistent with "dynamic = value > threshold"
+    members = {n: np.zeros(n, dtype=np.int64) for n in splits}
+    sums = {n: np.zeros(n) for n in splits}
+    for block in blocks():
+        flat = _finite_values(block)
+        for n, thresholds in splits.items():
+            labels = np.digitize(flat, thresholds, right=True)
+            members[n] += np.bincount(labels, minlength=n)
+            sums[n] += np.bincount(labels, weights=flat, minlength=n)
+    best_score = -math.inf
+    for n, thresholds in splits.items():
+        if np.any(members[n] == 0):
             continue
-        means = np.bincount(labels, weights=flat, minlength=int(n)) / counts
-        score = float(np.var(means) / math.sqrt(n))
-        best["scores"][int(n)] = score
+        score = float(np.var(sums[n] / members[n]) / math.sqrt(n))
+        best["scores"][n] = score
         if score > best_score:
             best_score = score
-            best.update(threshold=float(thresholds[-1]), classes=int(n),
+            best.update(threshold=float(thresholds[-1]), classes=n,
                         thresholds=[float(t) for t in thresholds])
     return best
 
@@ -398,12 +433,14 @@ def hysteresis(maps: np.ndarray, low: float, high: float, connectivity: int = 2)
 
 
 def binarize(maps: np.ndarray, method: str, *, threshold: float = 0.5, low: float = 0.3,
-             high: float = 0.6, classes: tuple[int, ...] = (2, 3, 4)
-             ) -> tuple[np.ndarray, dict]:
+             high: float = 0.6, classes: tuple[int, ...] = (2, 3, 4),
+             multi_otsu: dict | None = None) -> tuple[np.ndarray, dict]:
     """Soft maps (T, H, W) → (T, H, W) bool masks and a JSON-serialisable description.
 
     - ``"multi_otsu"``: one :func:`adaptive_multi_otsu` threshold t for the whole sequence,
-      mask = maps > t (VGGT4D). Info: threshold, chosen classes, per-n scores.
+      mask = maps > t (VGGT4D). Info: threshold, chosen classes, per-n scores. When ``maps``
+      is a part of the sequence, ``multi_otsu`` gives the sequence's details instead
+      (:func:`binarize_in_blocks`).
     - ``"otsu"``: per-frame :func:`otsu_per_frame` thresholds t_f, mask_f = maps_f > t_f.
     - ``"threshold"``: maps > ``threshold`` (the robust script: 0.4).
     - ``"hysteresis"``: :func:`hysteresis` with ``low`` / ``high``, 8-connected.
@@ -422,7 +459,7 @@ def binarize(maps: np.ndarray, method: str, *, threshold: float = 0.5, low: floa
         return float(value) if math.isfinite(value) else None
 
     if method == "multi_otsu":
-        details = adaptive_multi_otsu_details(array, classes)
+        details = multi_otsu or adaptive_multi_otsu_details(array, classes)
         masks = array > details["threshold"]
         info = {"method": method, "threshold": finite(details["threshold"]),
                 "classes": details["classes"],
@@ -447,6 +484,29 @@ def binarize(maps: np.ndarray, method: str, *, threshold: float = 0.5, low: floa
         masks = hysteresis(array, low, high, connectivity=2)
         info = {"method": method, "low": float(low), "high": float(high), "connectivity": 2}
     return masks, info
+
+
+def binarize_in_blocks(maps: np.ndarray, method: str, blocks: list[slice], out: np.ndarray,
+                       **settings) -> dict:
+    """:func:`binarize` of ``maps`` (T, H, W), read one block of frames at a time, into ``out``
+    (T, H, W) bool; returns the description. ``blocks`` are slices covering frames 0…T−1 in
+    order; ``settings`` are binarize's keywords. Every method but ``multi_otsu`` works frame by
+    frame, so the masks and per-frame thresholds are those of one call on the whole array; the
+    ``multi_otsu`` threshold comes from :func:`multi_otsu_over_blocks` over every block.
+    """
+    details = None
+    if method == "multi_otsu":
+        details = multi_otsu_over_blocks(lambda: (maps[block] for block in blocks),
+                                         settings.get("classes", (2, 3, 4)))
+    info: dict = {}
+    for block in blocks:
+        out[block], part = binarize(np.asarray(maps[block]), method, multi_otsu=details,
+                                    **settings)
+        if info and method in ("otsu", "mean_above"):  # per-frame thresholds
+            info["thresholds"] += part["thresholds"]
+        else:
+            info = part
+    return info
 
 
 # --------------------------------------------------------------------------------------------

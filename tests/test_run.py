@@ -91,10 +91,17 @@ def test_full_pipeline_writes_every_output_and_band_sweeps_reuse_the_forward(tmp
 
     # a sweep point that changes bands, fusion and binarisation only: DA3 does not run again
     swept = run_cli(tmp_path, *FAST, "bands.middle=[2,4]", "maps.fusion=sum",
-                    "masks.binarize=threshold", "viz.videos=false", job="swept")
+                    "masks.binarize=threshold", job="swept")
     assert swept.returncode == 0, swept.stderr
     assert "predict: reused cached result" in swept.stdout
     assert "predict: da3-small" not in swept.stdout + swept.stderr  # DA3 not built again
+    # pictures of the first block of each band: layers 0 and 5 and the sheets drawn once
+    assert "layer_viz: reused cached pictures of L00, L05, contact sheets" in swept.stdout
+    for name in ("maps/layer_00_frame001_variance.png", "maps/layer_05_frame003_stability.png",
+                 "contact/frame002_qk_var.png", "videos/maps/layer_05_similarity.mp4"):
+        assert (tmp_path / "swept" / name).read_bytes() == (job / name).read_bytes(), name
+    assert not (job / "maps/layer_02_frame000_similarity.png").exists()
+    assert (tmp_path / "swept" / "maps/layer_02_frame000_similarity.png").is_file()
 
 
 def test_kmeans_guided_temporal_and_exact_bands_run_through(tmp_path):

@@ -25,7 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -120,6 +120,21 @@ class Cache:
             yield True
         finally:
             lock.release()
+
+    def reuse_or_compute(self, stage: str, key: str, names: tuple[str, ...], out_dir: Path,
+                         compute: Callable[[], None]) -> bool:
+        """Restore the entry's ``names`` into ``out_dir`` when it is stored and verifies (True),
+        else ``compute()`` them there and store them (False). Parallel jobs wanting the same
+        key wait on its lock for the first one, then reuse its result."""
+        if self.restore(stage, key, names, out_dir):
+            return True
+        with self.lock(stage, key) as locked:
+            if locked and self.restore(stage, key, names, out_dir):
+                return True
+            compute()
+            if locked:
+                self.store(stage, key, names, out_dir)
+        return False
 
     def _manifest(self, entry: Path, names: tuple[str, ...]) -> dict | None:
         """The entry's manifest when it lists exactly ``names``; None when the entry is absent;

@@ -9,7 +9,7 @@ Written under the job directory, named like the AnyDynamics research scripts' fi
   to look at first when choosing bands;
 - ``videos/<folder>/<series>.mp4``: one video per PNG series.
 The per-layer pictures (``layer_viz``) depend on the statistics but not on bands, fusion or
-masks, so they are cached: a band sweep draws them once.
+masks, so they are cached layer by layer: a band sweep draws each layer once.
 """
 
 from __future__ import annotations
@@ -103,7 +103,10 @@ def _layers_in(stats: dict[str, Tensor]) -> list[int]:
 
 
 class LayerPicturesStage(Stage):
-    """Per-layer Easi3R map series, contact sheets and their videos (cached across sweeps)."""
+    """Per-layer Easi3R map series, contact sheets and their videos. Each layer's series and
+    the contact sheets are cached on their own (they depend on the statistics and picture
+    settings, not on bands, fusion or masks): a band sweep draws every layer once, whichever
+    band shows it."""
 
     name = "layer_viz"
     requires = ("gram_stats", "maps", "prediction")
@@ -117,47 +120,65 @@ class LayerPicturesStage(Stage):
                   if i in _layers_in(stats)]
         return layers, sheet_frames(ctx.cfg.viz.sheet_frames, frames)
 
-    def outputs(self, ctx) -> tuple[str, ...]:
-        """The files depend on the clip's length and on which statistics exist."""
-        layers, sheets = self._plan(ctx)
+    @staticmethod
+    def _layer_files(ctx, layer: int) -> tuple[str, ...]:
         frames = len(ctx.artifacts["prediction"].frames)
-        stats = ctx.artifacts["gram_stats"]
-        sheet_names = [*EASI3R_MAPS, *(f"{p}_{s}" for p in PAIRS for s in STATS
-                                       if any(k.startswith(f"{p}.{s}.L") for k in stats))]
         files = [f"maps/layer_{layer:02d}_frame{t:03d}_{name}.png"
-                 for layer in layers for name in EASI3R_MAPS for t in range(frames)]
-        files += [f"contact/frame{t:03d}_{name}.png" for t in sheets for name in sheet_names]
+                 for name in EASI3R_MAPS for t in range(frames)]
         if ctx.cfg.viz.videos:
-            files += [f"videos/maps/layer_{layer:02d}_{name}.mp4"
-                      for layer in layers for name in EASI3R_MAPS]
+            files += [f"videos/maps/layer_{layer:02d}_{name}.mp4" for name in EASI3R_MAPS]
         return tuple(files)
 
-    def cache_key(self, ctx) -> str:
+    @staticmethod
+    def _sheet_files(ctx, sheets: list[int]) -> tuple[str, ...]:
+        """The sheets depend on which statistics exist."""
+        stats = ctx.artifacts["gram_stats"]
+        names = [*EASI3R_MAPS, *(f"{p}_{s}" for p in PAIRS for s in STATS
+                                 if any(k.startswith(f"{p}.{s}.L") for k in stats))]
+        return tuple(f"contact/frame{t:03d}_{name}.png" for t in sheets for name in names)
+
+    @staticmethod
+    def _common_key(ctx) -> str:
         """Statistics file, frame size, normalisation and picture settings."""
         cfg = ctx.cfg
-        layers, sheets = self._plan(ctx)
         statistics = hashlib.sha256((ctx.out_dir / "gram_stats.safetensors").read_bytes())
         return content_key(statistics.hexdigest(), ctx.artifacts["prediction"].frames.shape,
                            cfg.maps.normalize, list(cfg.maps.percentiles),
-                           cfg.maps.normalize_scope, layers, sheets, cfg.viz.cmap,
-                           cfg.viz.power, cfg.viz.blur, cfg.viz.videos, cfg.viz.fps)
+                           cfg.maps.normalize_scope, cfg.viz.cmap, cfg.viz.power, cfg.viz.blur,
+                           cfg.viz.videos, cfg.viz.fps)
 
     def run(self, ctx) -> None:
         cfg = ctx.cfg
-        stats = ctx.artifacts["gram_stats"]
         size = ctx.artifacts["prediction"].frames.shape[1:3]
-        layers, sheets = self._plan(ctx)
         easi3r = ctx.artifacts["maps"].easi3r
-        write_all(ctx.out_dir, [("maps", f"layer_{layer:02d}", name,
-                                 map_images(easi3r[layer][name], size, cfg.viz))
-                                for layer in layers for name in EASI3R_MAPS], cfg.viz)
-        for t in sheets:
-            for name, sheet in statistic_sheets(stats, easi3r, t, cfg.viz.cmap).items():
-                write_png(ctx.out_dir / "contact" / f"frame{t:03d}_{name}.png", sheet)
-        self.load(ctx)
+        layers, sheets = self._plan(ctx)
+        common = self._common_key(ctx)
 
-    def load(self, ctx) -> None:
-        ctx.artifacts["layer_pictures"] = [ctx.out_dir / name for name in self.outputs(ctx)]
+        def draw_layer(layer: int) -> None:
+            write_all(ctx.out_dir, [("maps", f"layer_{layer:02d}", name,
+                                     map_images(easi3r[layer][name], size, cfg.viz))
+                                    for name in EASI3R_MAPS], cfg.viz)
+
+        def draw_sheets() -> None:
+            stats = ctx.artifacts["gram_stats"]
+            for t in sheets:
+                for name, sheet in statistic_sheets(stats, easi3r, t, cfg.viz.cmap).items():
+                    write_png(ctx.out_dir / "contact" / f"frame{t:03d}_{name}.png", sheet)
+
+        files, reused = [], []
+        for layer in layers:
+            names = self._layer_files(ctx, layer)
+            if ctx.cache.reuse_or_compute(self.name, content_key(common, "layer", layer), names,
+                                          ctx.out_dir, lambda layer=layer: draw_layer(layer)):
+                reused.append(f"L{layer:02d}")
+            files += names
+        names = self._sheet_files(ctx, sheets)
+        if ctx.cache.reuse_or_compute(self.name, content_key(common, "sheets", sheets), names,
+                                      ctx.out_dir, draw_sheets):
+            reused.append("contact sheets")
+        ctx.artifacts["layer_pictures"] = [ctx.out_dir / name for name in (*files, *names)]
+        if reused:
+            log.info("layer_viz: reused cached pictures of %s", ", ".join(reused))
 
 
 class PicturesStage(Stage):

@@ -160,17 +160,8 @@ def run_or_restore(stage: Stage, ctx: Context) -> None:
         stage.run(ctx)
         return
     names = stage.outputs(ctx)
-    if ctx.cache.restore(stage.name, key, names, ctx.out_dir):
+    if ctx.cache.reuse_or_compute(stage.name, key, names, ctx.out_dir, lambda: stage.run(ctx)):
         _reused(stage, ctx, key, names)
-        return
-    # parallel sweep jobs with the same key wait here for the first one, then reuse it
-    with ctx.cache.lock(stage.name, key) as locked:
-        if locked and ctx.cache.restore(stage.name, key, names, ctx.out_dir):
-            _reused(stage, ctx, key, names)
-            return
-        stage.run(ctx)
-        if locked:
-            ctx.cache.store(stage.name, key, names, ctx.out_dir)
 
 
 def _reused(stage: Stage, ctx: Context, key: str, names: tuple[str, ...]) -> None:

@@ -30,6 +30,7 @@ from vggt4d.io import (
     write_json,
     write_safetensors,
 )
+from vggt4d.points import frame_blocks
 from vggt4d.stage import ForwardTap, Stage
 
 log = logging.getLogger(__name__)
@@ -113,13 +114,6 @@ BLOCK_PIXELS = 1 << 22
 """Frame pixels the masks stage works on at once (4 M: 16 MiB per float32 map)."""
 
 
-def frame_blocks(num_frames: int, frame_pixels: int, block_pixels: int) -> list[slice]:
-    """Consecutive runs of whole frames, each at most ``block_pixels`` pixels (one frame at
-    least), covering frames 0…``num_frames``−1 in order."""
-    step = max(1, block_pixels // max(1, frame_pixels))
-    return [slice(start, min(start + step, num_frames)) for start in range(0, num_frames, step)]
-
-
 def empty_weak_frames(binary: np.ndarray, soft: np.ndarray, below_mean: float,
                       below_max: float) -> list[int]:
     """Clear (in place) the masks of frames whose soft map averages below ``below_mean`` or
@@ -181,9 +175,10 @@ class MasksStage(Stage):
                           start_chunk=kept.start)
 
     def run(self, ctx) -> None:
-        """The soft maps and masks are made a block of frames at a time (:func:`frame_blocks`)
-        into memory-mapped scratch arrays (:func:`vggt4d.io.scratch_array`), so a long clip's
-        full-resolution maps are never all in memory."""
+        """The soft maps and masks are made a block of frames at a time
+        (:func:`vggt4d.points.frame_blocks`) into memory-mapped scratch arrays
+        (:func:`vggt4d.io.scratch_array`), so a long clip's full-resolution maps are never all
+        in memory."""
         settings = ctx.cfg.masks
         prediction = ctx.artifacts["prediction"]
         features = None
@@ -192,7 +187,8 @@ class MasksStage(Stage):
         patch = patch_steps(ctx.artifacts["maps"].dynamic.numpy(), settings, features)
         folder = ctx.out_dir / "masks"
         shape = (len(patch), *prediction.frames.shape[1:3])
-        blocks = frame_blocks(shape[0], shape[1] * shape[2], BLOCK_PIXELS)
+        blocks = [slice(frames.start, frames.stop)
+                  for frames in frame_blocks(shape[0], shape[1] * shape[2], BLOCK_PIXELS)]
         soft = scratch_array(folder, shape, np.float32)
         for block in blocks:
             soft[block] = frame_steps(patch[block], prediction.frames[block],

@@ -11,7 +11,6 @@ back into the first chunk's world to float32 precision.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 from pathlib import Path
@@ -24,6 +23,7 @@ from PIL import Image
 from scipy.spatial.transform import Rotation
 
 import vggt4d.predict as predict_module
+from tests.memory import MIB, in_fresh_process, rss_growth
 from vggt4d.align import Sim3, transform_extrinsics
 from vggt4d.cameras import camera_centres
 from vggt4d.chunks import ChunkedTap, plan_chunks, window_chunks
@@ -331,23 +331,6 @@ def test_tokens_of_chunks_are_those_of_one_forward(tmp_path, scene, monkeypatch)
 # memory: the chunk loop and the token builder do not grow with the clip
 # ------------------------------------------------------------------------------------------
 
-MIB = 2**20
-
-
-def rss_growth(work) -> int:
-    """Bytes the peak resident memory rises above the resident memory at the start of
-    ``work()`` (the peak is reset through ``/proc/self/clear_refs``, Linux)."""
-    def status(field: str) -> int:
-        row = next(r for r in Path("/proc/self/status").read_text().splitlines()
-                   if r.startswith(field))
-        return int(row.split()[1]) * 1024
-
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")
-    base = status("VmRSS")
-    work()
-    return status("VmHWM") - base
-
 
 class SlopeForward:
     """Stands in for the DA3 forward on a clip of any length without rendering it: cameras
@@ -402,19 +385,6 @@ def chunk_loop_growth(num_frames: int, out: str) -> int:
                                              progress=False))
 
 
-def growth_in_fresh_process(measure: str, num_frames: int, out: Path) -> int:
-    """Run this module's ``measure(num_frames, out)`` in a fresh Python (no buffers left by
-    earlier tests in the peak) and return the peak resident growth it prints."""
-    import subprocess
-    import sys
-
-    code = (f"from tests.test_long_video import {measure}; "
-            f"print({measure}({num_frames}, {str(out)!r}))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=Path(__file__).parent.parent, timeout=300, check=True)
-    return int(done.stdout.split()[-1])
-
-
 def test_chunk_loop_memory_does_not_grow_with_the_clip(tmp_path):
     """4 times the frames (16 instead of 4 chunks): the same peak (mostly the alignment's
     float64 work on ~0.5 M correspondences), where holding the clip's depth and confidence
@@ -422,7 +392,8 @@ def test_chunk_loop_memory_does_not_grow_with_the_clip(tmp_path):
     growth, whole = {}, {}
     for num_frames in (48, 192):
         out = tmp_path / f"{num_frames}.npz"
-        growth[num_frames] = growth_in_fresh_process("chunk_loop_growth", num_frames, out)
+        growth[num_frames] = in_fresh_process("tests.test_long_video", "chunk_loop_growth",
+                                             num_frames, str(out))
         whole[num_frames] = 8 * num_frames * CHUNK_LOOP_SIZE[0] * CHUNK_LOOP_SIZE[1]
         result = Prediction.load(out)
         depth, _ = SlopeForward(*CHUNK_LOOP_SIZE).maps(range(num_frames))
@@ -484,7 +455,8 @@ def test_token_builder_memory_does_not_grow_with_the_clip(tmp_path):
     growth, tokens = {}, {}
     for num_frames in (48, 384):
         out = tmp_path / f"{num_frames}.pt"
-        growth[num_frames] = growth_in_fresh_process("token_builder_growth", num_frames, out)
+        growth[num_frames] = in_fresh_process("tests.test_long_video", "token_builder_growth",
+                                             num_frames, str(out))
         tokens[num_frames] = torch.load(out)
     assert torch.equal(tokens[48], tokens[384])  # every 24 frames the cameras come back
     height, width = TOKEN_SIZE

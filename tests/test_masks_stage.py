@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +13,7 @@ import torch
 from hydra import compose, initialize_config_module
 from PIL import Image
 
+from tests.memory import MIB, anonymous_peak, in_fresh_process
 from vggt4d import masks as masks_module
 from vggt4d.config import validate
 from vggt4d.io import OutputError
@@ -28,7 +26,6 @@ from vggt4d.predict import Prediction
 
 GRID = (6, 8)
 SIZE = (42, 56)  # 7 pixels a patch
-MIB = 2**20
 
 
 def run_config(*overrides: str):
@@ -112,29 +109,6 @@ def test_blocks_of_frames_give_the_masks_of_the_whole_clip(tmp_path, monkeypatch
         == []  # the scratch files have no names
 
 
-def anonymous_peak(work) -> int:
-    """Bytes the process's anonymous memory (``RssAnon``, sampled every millisecond by a
-    thread) rises above its level when ``work()`` starts: pages of memory-mapped files, which
-    the system can write out, are not counted."""
-    def anonymous() -> int:
-        row = next(r for r in Path("/proc/self/status").read_text().splitlines()
-                   if r.startswith("RssAnon"))
-        return int(row.split()[1]) * 1024
-
-    base, peak, done = anonymous(), [0], threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.001):
-            peak[0] = max(peak[0], anonymous())
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    work()
-    done.set()
-    thread.join()
-    return max(peak[0], anonymous()) - base
-
-
 def masks_stage_growth(num_frames: int, out: str) -> int:
     """Peak anonymous memory of the masks stage (multi-Otsu, guided RGB-D filter) on a
     ``num_frames`` clip made beforehand, in blocks of 8 frames; run in a fresh process."""
@@ -150,13 +124,9 @@ def masks_stage_growth(num_frames: int, out: str) -> int:
 def test_masks_stage_memory_does_not_grow_with_the_clip(tmp_path):
     """32 times the frames: the same peak, where holding the clip's soft maps and the
     multi-Otsu's float64 values and labels (~20 bytes a pixel) would add 45 MiB."""
-    growth = {}
-    for num_frames in (32, 1024):
-        code = ("from tests.test_masks_stage import masks_stage_growth; "
-                f"print(masks_stage_growth({num_frames}, {str(tmp_path / str(num_frames))!r}))")
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              cwd=Path(__file__).parent.parent, timeout=300, check=True)
-        growth[num_frames] = int(done.stdout.split()[-1])
+    growth = {num_frames: in_fresh_process("tests.test_masks_stage", "masks_stage_growth",
+                                           num_frames, str(tmp_path / str(num_frames)))
+              for num_frames in (32, 1024)}
     assert 20 * (1024 - 32) * SIZE[0] * SIZE[1] > 5 * 8 * MIB
     assert growth[1024] < growth[32] + 8 * MIB, growth
 

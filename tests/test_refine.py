@@ -688,3 +688,30 @@ def test_bad_settings_and_shapes_raise_user_error(scene):
             refine_masks(*args, RefineConfig(**{field: value}))
     with pytest.raises(UserError, match="depth"):
         refine_masks(scene.dynamic_masks, scene.depth[:, :-1], *args[2:])
+
+
+def refine_growth(num_frames: int, head: bool = False) -> int:
+    """Peak anonymous memory of :func:`refine_masks` (``window=2``) on the 6-frame scene
+    repeated to ``num_frames`` frames, its inputs made beforehand; run in a fresh process."""
+    from tests.memory import anonymous_peak
+
+    clip = render_scene(SyntheticConfig(num_frames=6, width=140, height=105, object_speed=1.5))
+    coarse = clip.dynamic_masks.copy()
+    coarse[:, SMALL_BLOCK[0], SMALL_BLOCK[1]] = True
+    inputs = [np.resize(array, (num_frames, *array.shape[1:])) for array in
+              (coarse, clip.depth, clip.frames, clip.intrinsics, clip.extrinsics)]
+    settings = RefineConfig(window=2)
+    refine_masks(*(array[:3] for array in inputs), settings)  # imports and first-use buffers
+    return anonymous_peak(lambda: refine_masks(*inputs, settings))
+
+
+def test_refinement_memory_does_not_follow_the_clip(tmp_path):
+    """Depth and frames are read a few views at a time in their own types: 8 times the frames
+    add about the clip's three (T, H, W) bool arrays (coarse, usable, refined), where float64
+    copies of depth and RGB would add 32 bytes a pixel (38 MiB here)."""
+    from tests.memory import MIB, in_fresh_process
+
+    growth = {n: in_fresh_process("tests.test_refine", "refine_growth", n) for n in (12, 96)}
+    pixels = (96 - 12) * 105 * 140
+    assert 32 * pixels > 32 * MIB
+    assert growth[96] - growth[12] < 8 * pixels + 4 * MIB, growth

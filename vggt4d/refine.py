@@ -201,7 +201,7 @@ def _gradient_norms(points: np.ndarray, depth_s: np.ndarray, k_mat: np.ndarray,
 
 
 def _median_depth(depth: np.ndarray) -> float:
-    usable = depth[np.isfinite(depth) & (depth > 0)]
+    usable = depth[np.isfinite(depth) & (depth > 0)].astype(np.float64)
     return float(np.median(usable)) if usable.size else 1.0
 
 
@@ -223,7 +223,7 @@ def cluster_scores(
 
     Inputs: ``points`` (N, 3) world points of frame ``source``, ``labels`` (N,) cluster ids in
     ``[0, C)``, ``colours`` (N, 3) their RGB in [0, 1]; ``depth`` (T, H, W), ``images``
-    (T, H, W, 3) float RGB in [0, 1], ``coarse`` (T, H, W) bool (True = dynamic),
+    (T, H, W, 3) RGB uint8 (or float in [0, 1]), ``coarse`` (T, H, W) bool (True = dynamic),
     ``intrinsics`` (T, 3, 3) and ``extrinsics`` (T, 3, 4) world-to-camera. ``depth_scale``: the
     gradient score's ``scale`` (default: the median positive finite depth of ``depth``).
 
@@ -250,8 +250,7 @@ def cluster_scores(
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     cols = np.asarray(colours, dtype=np.float64).reshape(-1, 3)
-    depth = np.asarray(depth, dtype=np.float64)
-    images = np.asarray(images, dtype=np.float64)
+    depth, images = np.asarray(depth), np.asarray(images)  # read a few views at a time
     coarse = np.asarray(coarse, dtype=bool)
     if not len(pts) == len(labels) == len(cols):
         raise UserError("points, labels and colours must have the same length")
@@ -277,10 +276,11 @@ def cluster_scores(
         with np.errstate(invalid="ignore"):
             inside = (z > 0) & (x > 0) & (x < width) & (y > 0) & (y < height)
         x, y = np.where(inside, x, 0.0), np.where(inside, y, 0.0)
-        d = sample_frames(depth[views, :, :, None], x, y, "nearest", settings.sampling)[..., 0]
+        d = sample_frames(depth[views, :, :, None].astype(np.float64), x, y, "nearest",
+                          settings.sampling)[..., 0]
         mask = sample_frames(coarse[views, :, :, None].astype(np.float64), x, y, "bilinear",
                              settings.sampling)[..., 0]
-        rgb = sample_frames(images[views], x, y, "bilinear", settings.sampling)
+        rgb = sample_frames(_unit_images(images[views]), x, y, "bilinear", settings.sampling)
         margin = settings.visibility_margin
         with np.errstate(invalid="ignore"):
             visible = z - margin < d if settings.score == "absolute" else z < d * (1.0 + margin)
@@ -294,7 +294,8 @@ def cluster_scores(
             term = np.empty(index.size)
             for i, s in enumerate(views):
                 here = view == i
-                term[here] = _gradient_norms(pts[index[here]], depth[s], k_mats[s], w2c[s])
+                term[here] = _gradient_norms(pts[index[here]], depth[s].astype(np.float64),
+                                             k_mats[s], w2c[s])
             term *= settings.gradient_weight / depth_scale
         else:
             term = np.abs(z[ok] - d[ok])
@@ -401,7 +402,7 @@ def _cluster_labels(points: np.ndarray, settings: RefineConfig, rng: np.random.G
 
 
 def _unit_images(frames: np.ndarray) -> np.ndarray:
-    """(T, H, W, 3) uint8 → float64 in [0, 1]; float frames are taken as already in [0, 1]."""
+    """(..., 3) uint8 → float64 in [0, 1]; float frames are taken as already in [0, 1]."""
     frames = np.asarray(frames)
     return frames / 255.0 if frames.dtype == np.uint8 else frames.astype(np.float64)
 
@@ -435,11 +436,11 @@ def refine_masks(
     coarse = np.asarray(coarse)
     if coarse.ndim != 3:
         raise UserError(f"coarse masks must have shape (T, H, W), got {coarse.shape}")
-    coarse = coarse.astype(bool)
-    depth = np.asarray(depth, dtype=np.float64)
-    images = _unit_images(frames)
-    if depth.shape != coarse.shape or images.shape != (*coarse.shape, 3):
-        raise UserError(f"coarse {coarse.shape}, depth {depth.shape} and frames {images.shape} "
+    coarse = coarse.astype(bool, copy=False)
+    # depth and frames stay as given (a memory map, uint8): read a frame or a few at a time
+    depth, frames = np.asarray(depth), np.asarray(frames)
+    if depth.shape != coarse.shape or frames.shape != (*coarse.shape, 3):
+        raise UserError(f"coarse {coarse.shape}, depth {depth.shape} and frames {frames.shape} "
                         "must be (T, H, W), (T, H, W) and (T, H, W, 3) of the same size")
     if min(coarse.shape[1:]) < 2:
         raise UserError(f"frames of {coarse.shape[2]}x{coarse.shape[1]} pixels are too small "
@@ -486,8 +487,8 @@ def refine_masks(
         labels, fit, clusters = _cluster_labels(world[dyn], settings, rng)
         summary["fitted"], summary["clusters"] = int(fit.size), clusters
         scores = cluster_scores(
-            world[dyn[fit]], labels[fit], images[t, rows[dyn[fit]], cols[dyn[fit]]], t, depth,
-            images, coarse, k_mats, w2c, settings, num_clusters=clusters,
+            world[dyn[fit]], labels[fit], _unit_images(frames[t])[rows[dyn[fit]], cols[dyn[fit]]],
+            t, depth, frames, coarse, k_mats, w2c, settings, num_clusters=clusters,
             depth_scale=depth_scale,
         )
         report["clusters"].extend(scores)

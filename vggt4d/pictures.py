@@ -14,8 +14,10 @@ masks, so they are cached layer by layer: a band sweep draws each layer once.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from vggt4d.config.maps import Cue
 from vggt4d.config.model import band_layers
 from vggt4d.gram import PAIRS, STATS, stat_key
 from vggt4d.maps import EASI3R_MAPS, normalize, per_frame_maps
+from vggt4d.points import frame_blocks
 from vggt4d.postprocess import spatial_gaussian, upsample_bilinear
 from vggt4d.stage import Stage
 from vggt4d.viz import colorize, contact_sheet, overlay_mask, write_png, write_video
@@ -53,17 +56,25 @@ def heatmaps(maps: Tensor, size: tuple[int, int], power: float = 1.0,
     return spatial_gaussian(frames, blur * size[1]) if blur > 0 else frames
 
 
-def write_series(out: Path, folder: str, prefix: str, suffix: str, images: np.ndarray,
-                 viz) -> None:
-    """``images`` (T, H, W, 3) uint8 → ``<folder>/{prefix}_frame{t:03d}_{suffix}.png`` and,
-    with ``viz.videos``, ``videos/<folder>/{prefix}_{suffix}.mp4`` from the same arrays."""
-    for t, image in enumerate(images):
-        write_png(out / folder / f"{prefix}_frame{t:03d}_{suffix}.png", image)
+def write_series(out: Path, folder: str, prefix: str, suffix: str,
+                 images: Iterable[np.ndarray], viz) -> None:
+    """``images`` ((H, W, 3) uint8 frames, consumed once) →
+    ``<folder>/{prefix}_frame{t:03d}_{suffix}.png`` and, with ``viz.videos``,
+    ``videos/<folder>/{prefix}_{suffix}.mp4`` from the same frames, each frame written to both
+    as it comes."""
+    def each_frame() -> Iterator[np.ndarray]:
+        for t, image in enumerate(images):
+            write_png(out / folder / f"{prefix}_frame{t:03d}_{suffix}.png", image)
+            yield image
+
     if viz.videos:
-        write_video(out / "videos" / folder / f"{prefix}_{suffix}.mp4", images, viz.fps)
+        write_video(out / "videos" / folder / f"{prefix}_{suffix}.mp4", each_frame(), viz.fps)
+    else:
+        collections.deque(each_frame(), maxlen=0)
 
 
-def write_all(out: Path, series: list[tuple[str, str, str, np.ndarray]], viz) -> None:
+def write_all(out: Path, series: list[tuple[str, str, str, Iterable[np.ndarray]]],
+              viz) -> None:
     """:func:`write_series` for each (folder, prefix, suffix, images), two at a time: zlib and
     the ffmpeg pipes release the GIL, so a second core overlaps the encoding."""
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -71,10 +82,16 @@ def write_all(out: Path, series: list[tuple[str, str, str, np.ndarray]], viz) ->
             done.result()
 
 
-def map_images(maps: Tensor, size: tuple[int, int], viz) -> np.ndarray:
-    """(T, h, w) maps → (T, H, W, 3) colour-mapped uint8 frames."""
-    return np.stack([colorize(values, viz.cmap)
-                     for values in heatmaps(maps, size, viz.power, viz.blur)])
+BLOCK_PIXELS = 1 << 22
+"""Frame pixels drawn at once (4 M: 16 MiB per float32 heatmap)."""
+
+
+def map_images(maps: Tensor, size: tuple[int, int], viz) -> Iterator[np.ndarray]:
+    """(T, h, w) maps → (H, W, 3) colour-mapped uint8 frames, made a block of frames at a time
+    (:func:`heatmaps` works frame by frame)."""
+    for frames in frame_blocks(len(maps), size[0] * size[1], BLOCK_PIXELS):
+        for values in heatmaps(maps[frames.start:frames.stop], size, viz.power, viz.blur):
+            yield colorize(values, viz.cmap)
 
 
 def statistic_sheets(stats: dict[str, Tensor], easi3r: dict[int, dict[str, Tensor]],
@@ -204,8 +221,8 @@ class PicturesStage(Stage):
                   for name, cue in maps.cues.items()]
         series.append(("maps", "fused", "final_mask", map_images(maps.dynamic, size, cfg)))
         series.append(("overlays", "mask", "overlay",
-                       np.stack([overlay_mask(frame, mask)
-                                 for frame, mask in zip(frames, masks.binary, strict=True)])))
+                       (overlay_mask(frame, mask)
+                        for frame, mask in zip(frames, masks.binary, strict=True))))
         write_all(ctx.out_dir, series, cfg)
         log.info("viz: cue, fused-map and overlay series%s -> %s",
                  " with videos" if cfg.videos else "", ctx.out_dir)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -49,9 +50,9 @@ def find_series(folder: Path) -> dict[tuple[str, str], list[Path]]:
             for key, entries in sorted(found.items()) if len(entries) >= 2}
 
 
-def _read_frames(paths: list[Path]) -> np.ndarray:
-    """Read PNGs as (T, H, W, 3) uint8; frames of another size are resized to the first's."""
-    frames: list[np.ndarray] = []
+def _read_frames(paths: list[Path]) -> Iterator[np.ndarray]:
+    """Read PNGs one at a time as (H, W, 3) uint8; frames of another size are resized to the
+    first's."""
     size: tuple[int, int] | None = None
     for path in paths:
         try:
@@ -63,8 +64,7 @@ def _read_frames(paths: list[Path]) -> np.ndarray:
             size = picture.size
         elif picture.size != size:
             picture = picture.resize(size, Image.Resampling.BILINEAR)
-        frames.append(np.asarray(picture, dtype=np.uint8))
-    return np.stack(frames)
+        yield np.asarray(picture, dtype=np.uint8)
 
 
 def make_all_videos(folder: Path, fps: float = 10.0, out_dir: Path | None = None,

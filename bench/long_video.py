@@ -2,7 +2,8 @@
 1,024 frames (``make bench`` case ``long_video``).
 
 Each clip length runs in a fresh process (``python -m bench.long_video FRAMES``): the synthetic
-scene at 112×84 (its own processing size), ``pipeline=[predict,gram,maps,latent]`` with
+scene at 112×84 (its own processing size), ``pipeline=[predict,gram,maps,masks,viz,latent]``
+(masks, per-layer and map pictures, videos) with
 da3-small random weights on the CPU, chunks of 32 frames overlapping by 12 (``gram.window=all``,
 the default, so every chunk runs twice: the whole-clip statistics' second sweep), scene tokens
 with the tiny PTv3 encoder. Random weights predict noise, and chained similarities of noise drift
@@ -13,8 +14,8 @@ anonymous memory (what the stage needs) and the peak resident memory (which also
 pages of the memory-mapped prediction a stage read: the system drops them under pressure), the
 bytes of the whole-clip arrays the pipeline holds by design (decoded and processed frames, the
 synthetic ground truth, the patch-level statistics and maps: inputs and outputs), and the
-seconds per frame of predict, gram and maps, wall and CPU (model building and scene rendering
-excluded).
+seconds per frame of every stage but the scene tokens, wall and CPU (model building and scene
+rendering excluded).
 The reference is the 64-frame case of the same run: goals ≤ 1.2 for the peak anonymous memory
 beyond the held arrays and for the time per frame, 64 → 1,024 frames. The scene tokens are
 reported beside them with their token count: their memory follows the voxels (a static
@@ -34,7 +35,8 @@ import threading
 from pathlib import Path
 
 FRAMES = (64, 256, 1024)
-STAGES = ("predict", "gram", "maps", "latent")
+PIPELINE = ("predict", "gram", "maps", "masks", "viz", "latent")
+STAGES = ("predict", "gram", "maps", "masks", "layer_viz", "viz", "latent")  # viz adds layer_viz
 SIZE = (84, 112)  # height, width: 6 x 8 patches
 
 
@@ -42,7 +44,7 @@ def overrides(num_frames: int, model: str, dtype: str, device: str, root: Path) 
     return [f"model={model}", "model.weights=random", f"dtype={dtype}", f"device={device}",
             "data=synthetic", f"data.num_frames={num_frames}", f"data.height={SIZE[0]}",
             f"data.width={SIZE[1]}", f"process_res={max(SIZE)}",
-            f"pipeline=[{','.join(STAGES)}]", "chunk.length=32", "chunk.overlap=12",
+            f"pipeline=[{','.join(PIPELINE)}]", "chunk.length=32", "chunk.overlap=12",
             "chunk.align=se3",
             "latent.encoder=tiny", "latent.weights=random", "latent.ply=false", "logger=none",
             f"cache_dir={root / 'cache'}", f"hydra.run.dir={root / 'job'}"]
@@ -208,7 +210,7 @@ def benchmark(model: str = "da3-small", dtype: str = "fp32", device: str = "cpu"
         "ratio_peak_anon_beyond_held": last["ratio_peak_anon_beyond_held"],
         "ratio_seconds_per_frame": last["ratio_seconds_per_frame"],
         "ratio_cpu_seconds_per_frame": last["ratio_cpu_seconds_per_frame"],
-        "target": "<= 1.2 each, 64 -> 1024 frames (predict, gram, maps)",
+        "target": "<= 1.2 each, 64 -> 1024 frames (every stage but latent)",
         "met": bool(met),
     }
 

@@ -110,8 +110,9 @@ def soft_masks(dynamic: np.ndarray, frames: np.ndarray, depth: np.ndarray,
     return frame_steps(patch_steps(dynamic, settings, features), frames, depth, settings)
 
 
-BLOCK_PIXELS = 1 << 22
-"""Frame pixels the masks stage works on at once (4 M: 16 MiB per float32 map)."""
+BLOCK_PIXELS = 1 << 20
+"""Frame pixels the masks stage works on at once (1 M: 4 MiB per float32 map; multi-Otsu's
+float64 values and labels take about 30 bytes a pixel)."""
 
 
 def empty_weak_frames(binary: np.ndarray, soft: np.ndarray, below_mean: float,

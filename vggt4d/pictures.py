@@ -82,8 +82,8 @@ def write_all(out: Path, series: list[tuple[str, str, str, Iterable[np.ndarray]]
             done.result()
 
 
-BLOCK_PIXELS = 1 << 22
-"""Frame pixels drawn at once (4 M: 16 MiB per float32 heatmap)."""
+BLOCK_PIXELS = 1 << 20
+"""Frame pixels drawn at once (1 M: 4 MiB per float32 heatmap)."""
 
 
 def map_images(maps: Tensor, size: tuple[int, int], viz) -> Iterator[np.ndarray]:

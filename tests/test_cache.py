@@ -359,3 +359,20 @@ def test_two_independent_runs_write_byte_identical_results(tmp_path):
     for recording in recordings:
         assert recording.pop(("/__properties", "RecordingInfo:start_time"))  # the clock
     assert len(recordings[0]) > 20 and recordings[0] == recordings[1]
+
+
+def test_a_half_filled_entry_of_a_killed_writer_is_removed_when_the_key_is_stored(tmp_path):
+    """A writer killed while filling an entry leaves its temporary folder; the next job that
+    stores the key (holding its lock) removes it, and leaves other keys' folders alone."""
+    root = tmp_path / "cache"
+    killed = root / "fake" / f".{KEY}.x1y2z3"
+    other = root / "fake" / ".k2.a1b2c3"
+    for folder in (killed, other):
+        folder.mkdir(parents=True)
+        (folder / "result.bin").write_bytes(RESULT[:1000])
+    stage, _ = job(root, tmp_path / "job")
+    assert stage.runs == 1
+    assert not killed.exists() and other.is_dir()
+    assert sorted(p.name for p in (root / "fake").iterdir()) == [".k1.lock", ".k2.a1b2c3", KEY]
+    stored = job_files(root / "fake" / KEY)
+    assert {name: stored[name] for name in FILES} == FILES

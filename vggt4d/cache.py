@@ -213,7 +213,9 @@ class Cache:
 
     def store(self, stage: str, key: str, names: Iterable[str], out_dir: Path) -> None:
         """Copy ``names`` from ``out_dir`` into a new entry with its manifest; an existing entry
-        is kept. A failure only warns: the job's own files are complete."""
+        is kept. Call it holding the entry's :meth:`lock`: the half-filled folders a killed
+        writer left for this key are removed first. A failure only warns: the job's own files
+        are complete."""
         names = tuple(names)
         entry = self.entry(stage, key)
         if entry.exists():
@@ -221,6 +223,9 @@ class Cache:
         tmp: Path | None = None
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
+            for stale in entry.parent.glob(f".{key}.*"):  # only the lock's holder stores, so
+                if stale.is_dir():  # these are from a writer killed while filling the entry
+                    shutil.rmtree(stale, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{key}."))
             os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; cluster jobs share it
             files = {}

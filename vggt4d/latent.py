@@ -412,7 +412,7 @@ def scene_latent(cloud: PointCloud, extrinsics: np.ndarray, intrinsics: np.ndarr
                  settings: LatentConfig, device: torch.device, encoder=None,
                  max_per_frame: int = 0, subsample_seed: int = 0) -> SceneLatent:
     """Tokens of a point cloud held in memory: :func:`scene_latent_blocks` with one block."""
-    return scene_latent_blocks(lambda: iter([cloud.points]), cloud.num_frames,
+    return scene_latent_blocks(lambda normals=None: iter([cloud.points]), cloud.num_frames,
                                cloud.kept.shape[1:], extrinsics, intrinsics,
                                cloud.world_to_scene, cloud.scale, cloud.scale_mode, settings,
                                device, encoder, max_per_frame, subsample_seed)
@@ -499,13 +499,14 @@ class GridFrame:
 
 def grid_frame(blocks, settings: LatentConfig, max_per_frame: int,
                subsample_seed: int) -> GridFrame:
-    """Measure :class:`GridFrame` over the points ``blocks()`` yields (the first pass); refuses
-    an extent the PTv3 grid cannot hold, as :func:`vggt4d.gridsample.group` does."""
+    """Measure :class:`GridFrame` over the points ``blocks(normals=False)`` yields (the first
+    pass); refuses an extent the PTv3 grid cannot hold, as :func:`vggt4d.gridsample.group`
+    does."""
     rng = np.random.default_rng(subsample_seed)
     low, high = np.full(3, np.inf, np.float32), np.full(3, -np.inf, np.float32)
     bins = [np.iinfo(np.int64).max, np.iinfo(np.int64).min]
     points = voxelised = 0
-    for block in blocks():
+    for block in blocks(normals=False):
         built = block.subsample(max_per_frame, rng)
         points, voxelised = points + len(block), voxelised + len(built)
         if not len(built):
@@ -599,8 +600,9 @@ def scene_latent_blocks(blocks, num_frames: int, image_size: tuple[int, int],
                         max_per_frame: int = 0, subsample_seed: int = 0,
                         pixel_voxel: np.ndarray | None = None) -> SceneLatent:
     """Tokens of a clip whose scene points come a block of frames at a time (module docstring;
-    ``blocks()`` yields :class:`vggt4d.points.ScenePoints` in frame order and is called three
-    times: the grid's frame, the voxels, every kept pixel's voxel).
+    ``blocks(normals=None)`` yields :class:`vggt4d.points.ScenePoints` in frame order and is
+    called three times: the grid's frame and every kept pixel's voxel, which read no normal
+    (``normals=False`` spares their estimation), and the voxels).
 
     Voxels and their sums are merged block by block (:func:`merge_tables`), so memory follows
     the number of voxels, not of frames: a static surface seen again adds nothing. The encoder
@@ -652,7 +654,7 @@ def scene_latent_blocks(blocks, num_frames: int, image_size: tuple[int, int],
         pixel_voxel = np.empty((num_frames, height, width), np.int32)
     pixel_voxel.fill(-1)
     flat_voxel = pixel_voxel.reshape(-1)
-    for block in blocks():
+    for block in blocks(normals=False):
         if not len(block):
             continue
         coord = torch.from_numpy(block.coord).to(device).double() - frame.shift.to(device)

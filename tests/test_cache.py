@@ -21,7 +21,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from tests.filesystems import read_only, refuse_writes, tiny_disk
-from vggt4d.cache import Cache
+from vggt4d.cache import Cache, content_key
 from vggt4d.io import atomic_write
 from vggt4d.pipeline import Context, execute
 from vggt4d.stage import Stage
@@ -376,3 +376,18 @@ def test_a_half_filled_entry_of_a_killed_writer_is_removed_when_the_key_is_store
     assert sorted(p.name for p in (root / "fake").iterdir()) == [".k1.lock", ".k2.a1b2c3", KEY]
     stored = job_files(root / "fake" / KEY)
     assert {name: stored[name] for name in FILES} == FILES
+
+
+def test_an_array_in_a_key_counts_by_its_bytes_in_c_order(tmp_path):
+    """An array, its bytes, a memory map of them and a strided view's copy give one key; one
+    changed element gives another."""
+    values = np.random.default_rng(3).random((4, 6, 5)).astype(np.float32)
+    mapped = np.lib.format.open_memmap(tmp_path / "values.npy", mode="w+", dtype=np.float32,
+                                       shape=values.shape)
+    mapped[:] = values
+    key = content_key("masks", values.tobytes())
+    assert content_key("masks", values) == content_key("masks", mapped) == key
+    assert content_key(values[:, ::2]) == content_key(values[:, ::2].copy().tobytes())
+    changed = values.copy()
+    changed[3, 5, 4] += 1
+    assert content_key("masks", changed) != key

@@ -26,6 +26,7 @@ from vggt4d.postprocess import (
     hysteresis,
     kmeans_smooth,
     morphology,
+    multi_otsu_over_blocks,
     otsu_per_frame,
     spatial_gaussian,
     temporal_gaussian,
@@ -347,6 +348,32 @@ def test_adaptive_multi_otsu_matches_exhaustive_search(seed):
     top, below = groups[-1][0], groups[-2][0]
     assert below.max() <= details["threshold"] < top.min()
     assert adaptive_multi_otsu(values) == details["threshold"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_multi_otsu_over_blocks_is_skimage_on_all_the_values(seed):
+    """Blocks of uneven sizes (NaN among them): every class count's thresholds are
+    scikit-image's on the whole array, and each score is Var(class means) / sqrt(n) of the
+    classes those thresholds make, computed here from all the values at once."""
+    from skimage.filters import threshold_multiotsu
+
+    rng = np.random.default_rng(seed)
+    values = np.concatenate([rng.normal(centre, 0.05, size) for centre, size in
+                             ((0.1, 3000), (0.45, 900), (0.8, 400))]).astype(np.float32)
+    rng.shuffle(values)
+    blocks = np.split(values, np.sort(rng.choice(np.arange(1, len(values)), 5, replace=False)))
+    blocks[2] = np.append(blocks[2], np.float32(np.nan))
+    details = multi_otsu_over_blocks(lambda: iter(blocks))
+    flat = values.astype(np.float64)
+    for n, score in details["scores"].items():
+        thresholds = threshold_multiotsu(flat, classes=n)
+        labels = np.digitize(flat, thresholds, right=True)
+        means = [flat[labels == j].mean() for j in range(n)]
+        assert score == pytest.approx(np.var(means) / math.sqrt(n), rel=1e-12)
+        if n == details["classes"]:
+            assert details["thresholds"] == [float(t) for t in thresholds]
+            assert details["threshold"] == float(thresholds[-1])
+    assert details["classes"] in (2, 3, 4) and len(details["scores"]) == 3
 
 
 def test_adaptive_multi_otsu_degenerate_inputs():

@@ -28,6 +28,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 from filelock import FileLock, Timeout
 
 from vggt4d.io import current_umask, describe_os_error, output_error
@@ -42,10 +43,13 @@ FICLONE = 0x40049409
 
 
 def content_key(*parts: object) -> str:
-    """A short stable hash of JSON-serialisable parts (bytes are hashed first)."""
+    """A short stable hash of JSON-serialisable parts (bytes and NumPy arrays are hashed first,
+    an array by its bytes in C order: no copy of a contiguous one, e.g. a memory map)."""
     digest = hashlib.sha256()
     for part in parts:
-        if isinstance(part, bytes | bytearray | memoryview):
+        if isinstance(part, np.ndarray):
+            part = np.ascontiguousarray(part)
+        if isinstance(part, bytes | bytearray | memoryview | np.ndarray):
             digest.update(hashlib.sha256(part).digest())
         else:
             digest.update(json.dumps(part, sort_keys=True, default=str).encode())

@@ -141,10 +141,6 @@ def center_shift(coord: Tensor) -> Tensor:
     return torch.stack([centre[0], centre[1], low[2]])
 
 
-def _hash(columns: Tensor, hash_type: str) -> Tensor:
-    return fnv_hash(columns) if hash_type == "fnv" else ravel_hash(columns)
-
-
 def time_bins(frame: Tensor, dynamic: Tensor, time_bin: int) -> Tensor:
     """(N,) ``1 + ⌊t / time_bin⌋`` for dynamic points, 0 for static ones."""
     return torch.where(dynamic, 1 + torch.div(frame, time_bin, rounding_mode="floor"), 0)
@@ -805,8 +801,7 @@ class LatentStage(Stage):
         weights_file = encoder_weights_file(cfg.latent.weights, cfg.latent.encoder,
                                             cfg.latent.shuffle_orders)
         weights = None if weights_file is None else _file_identity(weights_file)
-        return content_key(*(b"" if a is None else memoryview(np.ascontiguousarray(a)).cast("B")
-                             for a in arrays), sources,
+        return content_key(*(b"" if a is None else a for a in arrays), sources,
                            asdict(cfg.points), asdict(cfg.latent), weights,
                            cfg.points.scale_mode(cfg.model.name),
                            resolve_device(cfg.device, ctx.job.num).type, __version__)

@@ -143,7 +143,7 @@ class SecondPassStage(Stage):
         drop = patch_mask_of(ctx)
         # chunk alignment leaves out the masks' pixels: with chunks they matter pixel by pixel
         chunked = chunk_plan(ctx, len(frames), frames.shape[1:3]) is not None
-        pixels = ctx.artifacts["masks"].binary.tobytes() if chunked else b""
+        pixels = ctx.artifacts["masks"].binary if chunked else b""
         return content_key(*forward_identity(ctx, frames, device, dtype),
                            hashlib.sha256(drop.numpy().tobytes()).hexdigest(),
                            config_blocks(ctx), pixels)
